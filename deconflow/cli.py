@@ -1,0 +1,97 @@
+"""The ``deconflow`` command: train one cell, list the grid, run the demo, query DuckDB."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from deconflow.sweep import Cell, GridError, load_grid, parse_key
+
+
+def _cell_from_args(args: argparse.Namespace) -> Cell:
+    by_parts = [args.variant, args.lr, args.wd, args.seed]
+    if args.key and any(v is not None for v in by_parts):
+        raise GridError("give either --key or --variant/--lr/--wd/--seed, not both")
+    if args.key:
+        return parse_key(args.key)
+    if any(v is None for v in by_parts):
+        raise GridError("give --key, or all of --variant, --lr, --wd and --seed")
+    return Cell(args.variant, args.lr, args.wd, args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from deconflow.training.config import get_profile
+
+    cell = _cell_from_args(args)
+    overrides = {}
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.epochs:
+        overrides["epochs"] = args.epochs
+    if args.grad_accum:
+        overrides["grad_accum"] = args.grad_accum
+    if args.device:
+        overrides["device"] = args.device
+    cfg = get_profile(args.profile, **overrides)
+    out = Path(args.out) if args.out else Path("data") / "runs" / cell.key
+    # Validate the data before anything is written.
+    from deconflow.training.data import load_dataset
+
+    load_dataset(cfg)
+    from deconflow.training.run import run_cell
+
+    summary = run_cell(cell, cfg, out)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    grid = load_grid(args.grid)
+    for cell in grid.cells:
+        print(cell.key)
+    print(f"# {len(grid)} cells", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deconflow", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one cell standalone")
+    t.add_argument("--key", help="cell key, e.g. base__lr0.1_wd0.0001_s0")
+    t.add_argument("--variant")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--wd", type=float)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--profile", default="demo", help="full | demo | synthetic (default demo)")
+    t.add_argument("--out", help="output folder (default data/runs/<key>)")
+    t.add_argument("--data-dir", help="CIFAR-10 folder for the full profile")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--device", help="auto | cpu | cuda")
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("grid", help="list the grid's cells")
+    g.add_argument("--grid", help="grid file (default $DECONFLOW_GRID or the packaged one)")
+    g.set_defaults(func=cmd_grid)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from deconflow.training.data import DataError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (GridError, DataError) as e:
+        print(f"deconflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deconflow: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The sweep grid as data: cells, their stable keys, and grid files.
+
+A cell key looks like ``base__lr0.1_wd0.0001_s0``: the variant, a double underscore,
+then the hyper-parameter part. Both parts use only ``[A-Za-z0-9_.-]`` so the key is
+safe in a file path, a SLURM job name and a Dagster partition key. Numbers are
+written in their shortest positional form, so the key of a cell never changes when
+other values are added to the grid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = ("base", "bn_off", "narrow", "adamw")
+KEY_SEP = "__"
+_PART_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_HP_RE = re.compile(r"^lr(?P<lr>[0-9.]+)_wd(?P<wd>[0-9.]+)_s(?P<seed>[0-9]+)$")
+
+
+class GridError(ValueError):
+    """Bad grid file, cell value or cell key; the message is one line for the user."""
+
+
+def format_number(x: float) -> str:
+    """Shortest positional form of a float: 0.0001, 0.1, 2 (never 1e-04)."""
+    if not np.isfinite(x):
+        raise GridError(f"number must be finite, got {x!r}")
+    s = np.format_float_positional(float(x), trim="-")
+    return s
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One training run of the sweep: a variant and its hyper-parameters."""
+
+    variant: str
+    lr: float
+    weight_decay: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise GridError(
+                f"unknown variant {self.variant!r}; expected one of {', '.join(VARIANTS)}"
+            )
+        if not (isinstance(self.lr, int | float) and np.isfinite(self.lr) and self.lr > 0):
+            raise GridError(f"learning rate must be a finite number > 0, got {self.lr!r}")
+        if not (
+            isinstance(self.weight_decay, int | float)
+            and np.isfinite(self.weight_decay)
+            and self.weight_decay >= 0
+        ):
+            raise GridError(f"weight decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise GridError(f"seed must be an integer >= 0, got {self.seed!r}")
+        object.__setattr__(self, "lr", float(self.lr))
+        object.__setattr__(self, "weight_decay", float(self.weight_decay))
+
+    @property
+    def hp(self) -> str:
+        """Hyper-parameter part of the key, the ``hp`` partition dimension."""
+        return f"lr{format_number(self.lr)}_wd{format_number(self.weight_decay)}_s{self.seed}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}{KEY_SEP}{self.hp}"
+
+    def as_dict(self) -> dict:
+        return {
+            "variant": self.variant,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "seed": self.seed,
+            "key": self.key,
+        }
+
+
+def parse_hp(hp: str) -> tuple[float, float, int]:
+    m = _HP_RE.match(hp)
+    if not m:
+        raise GridError(f"malformed hyper-parameter part {hp!r}; expected like 'lr0.1_wd0.0001_s0'")
+    try:
+        return float(m["lr"]), float(m["wd"]), int(m["seed"])
+    except ValueError as e:
+        raise GridError(f"malformed hyper-parameter part {hp!r}: {e}") from None
+
+
+def parse_key(key: str) -> Cell:
+    """Inverse of ``Cell.key``; rejects anything that would not round-trip."""
+    if not isinstance(key, str) or KEY_SEP not in key:
+        raise GridError(f"malformed cell key {key!r}; expected like 'base__lr0.1_wd0.0001_s0'")
+    variant, hp = key.split(KEY_SEP, 1)
+    for part in (variant, hp):
+        if not _PART_RE.match(part):
+            raise GridError(f"malformed cell key {key!r}: only [A-Za-z0-9_.-] allowed in parts")
+    lr, wd, seed = parse_hp(hp)
+    cell = Cell(variant, lr, wd, seed)
+    if cell.key != key:
+        raise GridError(f"malformed cell key {key!r}; its canonical form is {cell.key!r}")
+    return cell
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The sweep's axes; ``cells`` is the cartesian product in a fixed order."""
+
+    variants: tuple[str, ...]
+    lrs: tuple[float, ...]
+    weight_decays: tuple[float, ...]
+    seeds: tuple[int, ...]
+    name: str = "loss-slope-sweep"
+
+    @property
+    def cells(self) -> list[Cell]:
+        return [
+            Cell(v, lr, wd, s)
+            for v in self.variants
+            for lr in self.lrs
+            for wd in self.weight_decays
+            for s in self.seeds
+        ]
+
+    @property
+    def hps(self) -> list[str]:
+        """Sorted hp partition keys (lr, then wd, then seed, numerically)."""
+        return [
+            Cell(self.variants[0], lr, wd, s).hp
+            for lr in sorted(self.lrs)
+            for wd in sorted(self.weight_decays)
+            for s in sorted(self.seeds)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.variants) * len(self.lrs) * len(self.weight_decays) * len(self.seeds)
+
+    def __contains__(self, cell: object) -> bool:
+        return (
+            isinstance(cell, Cell)
+            and cell.variant in self.variants
+            and cell.lr in self.lrs
+            and cell.weight_decay in self.weight_decays
+            and cell.seed in self.seeds
+        )
+
+
+def _unique(name: str, values: list) -> tuple:
+    if not isinstance(values, list) or not values:
+        raise GridError(f"grid field {name!r} must be a non-empty list")
+    if len(set(values)) != len(values):
+        raise GridError(f"grid field {name!r} has duplicate values: {values}")
+    return tuple(values)
+
+
+def grid_from_dict(data: dict, source: str = "<grid>") -> Grid:
+    missing = [k for k in ("variants", "lr", "weight_decay", "seed") if k not in data]
+    if missing:
+        raise GridError(f"{source}: missing grid field(s) {', '.join(missing)}")
+    variants = _unique("variants", data["variants"])
+    lrs = _unique("lr", [float(x) for x in data["lr"]] if isinstance(data["lr"], list) else None)
+    wds = _unique(
+        "weight_decay",
+        [float(x) for x in data["weight_decay"]]
+        if isinstance(data["weight_decay"], list)
+        else None,
+    )
+    seeds = _unique("seed", data["seed"])
+    # Validate every axis value once through Cell.
+    for v in variants:
+        Cell(v, lrs[0], wds[0], seeds[0])
+    for lr in lrs:
+        Cell(variants[0], lr, wds[0], seeds[0])
+    for wd in wds:
+        Cell(variants[0], lrs[0], wd, seeds[0])
+    for s in seeds:
+        Cell(variants[0], lrs[0], wds[0], s)
+    return Grid(variants, lrs, wds, seeds, name=str(data.get("name", "loss-slope-sweep")))
+
+
+def default_grid_path() -> Path:
+    """``$DECONFLOW_GRID`` if set, else the grid file shipped in the package."""
+    env = os.environ.get("DECONFLOW_GRID")
+    if env:
+        return Path(env)
+    return Path(str(resources.files("deconflow") / "grid.toml"))
+
+
+def load_grid(path: str | os.PathLike | None = None) -> Grid:
+    p = Path(path) if path is not None else default_grid_path()
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise GridError(f"grid file not found: {p}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise GridError(f"grid file {p} is not valid TOML: {e}") from None
+    return grid_from_dict(data, source=str(p))

@@ -1,0 +1,103 @@
+"""Entry point of one training process: ``python -m deconflow.training.run``.
+
+Launched by a compute resource (a local subprocess or a SLURM job), it talks to the
+Dagster run through Dagster Pipes when the Pipes environment is present: log lines
+and progress stream into the run while it trains, and the summary lands as the
+materialization's metadata. Run by hand, it just prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+from deconflow.sweep import Cell, parse_key
+from deconflow.training.config import get_profile
+from deconflow.training.train import train
+
+# Summary fields put on the Dagster materialization.
+METADATA_FIELDS = (
+    "outcome",
+    "steps",
+    "total_steps",
+    "wall_time_s",
+    "final_train_loss",
+    "final_val_loss",
+    "final_val_accuracy",
+    "best_val_ce",
+    "best_val_epoch",
+    "r_squared",
+    "knee_epoch",
+    "attempts",
+    "grad_accum",
+    "device",
+    "diverged_at_step",
+)
+
+
+def _clean(v):
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def run_cell(cell: Cell, cfg, out: Path, pipes=None) -> dict:
+    log = pipes.log.info if pipes is not None else (lambda m: print(m, flush=True))
+
+    def progress(info: dict) -> None:
+        line = (
+            f"progress step {info['step']}/{info['total_steps']} epoch {info['epoch']:.2f} "
+            f"train_loss {info['train_loss']:.4f} val_loss {info['val_loss']:.4f}"
+        )
+        print(line, flush=True)  # also to the process log, for `tail -f` on a cluster
+        if pipes is not None:
+            pipes.report_custom_message({"kind": "progress", **info})
+
+    summary = train(cell, cfg, out, log=log, progress=progress)
+    if pipes is not None:
+        meta = {k: _clean(summary.get(k)) for k in METADATA_FIELDS}
+        meta["run_dir"] = str(out)
+        pipes.report_asset_materialization(
+            metadata={k: v for k, v in meta.items() if v is not None}
+        )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deconflow.training.run")
+    p.add_argument("--key", required=True)
+    p.add_argument("--profile", default="demo")
+    p.add_argument("--out", required=True)
+    p.add_argument("--overrides", default="{}", help="JSON object of TrainConfig overrides")
+    args = p.parse_args(argv)
+    cell = parse_key(args.key)
+    overrides = json.loads(args.overrides)
+    for k in ("crop_scale", "crop_ratio"):
+        if k in overrides:
+            overrides[k] = tuple(overrides[k])
+    cfg = get_profile(args.profile, **overrides)
+    threads = os.environ.get("DECONFLOW_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    # SLURM sends SIGTERM (or --signal's USR1) before killing a job: exit through the
+    # normal path so the last checkpoint stays intact and the exit is reported.
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda s, f: sys.exit(128 + s))
+    with ExitStack() as stack:
+        pipes = None
+        if os.environ.get("DAGSTER_PIPES_CONTEXT"):
+            from dagster_pipes import open_dagster_pipes
+
+            pipes = stack.enter_context(open_dagster_pipes())
+        run_cell(cell, cfg, Path(args.out), pipes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -72,7 +72,7 @@ def test_checkpoints_keep_best_three_and_latest(demo_run):
 
 
 def _start(out: Path, fault: str) -> subprocess.Popen:
-    overrides = json.dumps({"epochs": 3, "fault": fault})
+    overrides = json.dumps({"epochs": 3, "fault": fault, "heartbeat_every_s": 0})
     return subprocess.Popen(
         [
             sys.executable,
@@ -99,7 +99,7 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
 
     out = tmp_path / "killed"
     proc = _start(out, "hang@40")  # freezes at step 40, past the checkpoint at step 33
-    deadline = time.time() + 120
+    deadline = time.time() + 60
     while time.time() < deadline:
         hb = out / "heartbeat.json"
         if hb.exists() and json.loads(hb.read_text())["step"] >= 39:

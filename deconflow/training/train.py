@@ -53,10 +53,13 @@ def _generator(device: torch.device, *parts: int) -> torch.Generator:
 
 
 def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to base_lr, then cosine annealing to 0 at the last step."""
+    """Learning rate of 1-based ``step``: linear warm-up to base_lr, then cosine to 0.
+
+    The cosine reaches 0 at the end of the last step, so every step's lr is > 0.
+    """
     if warmup_steps > 0 and step <= warmup_steps:
         return base_lr * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = (step - warmup_steps - 1) / max(1, total_steps - warmup_steps)
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -413,4 +416,7 @@ def summarize(
         "best_val_epoch": fit.get("best_val_epoch"),
         "r_squared": fit.get("r_squared"),
         "knee_epoch": fit.get("knee_epoch"),
+        "val_per_epoch": cfg.val_per_epoch,
+        "hessian_every": cfg.hessian_every,
+        "noise_every_epochs": cfg.noise_every_epochs,
     }

@@ -1,0 +1,59 @@
+"""``training_run``: one partition per grid cell, materialized by a real training run."""
+
+import shutil
+
+import dagster as dg
+
+from deconflow.dagster_state import CELL_TAG, SWEEP_TAG
+from deconflow.partitions import cell_for, partitions_def
+from deconflow.resources.compute import ComputeResource
+from deconflow.resources.sweep_settings import SweepSettings
+from deconflow.settings import runs_dir, work_dir
+from deconflow.sweep import Grid
+from deconflow.warehouse import publish_run
+
+# Run tags the sensors set on retries (issue: classified retries).
+RESUME_TAG = "deconflow/resume"  # "true": continue from the latest checkpoint
+GRAD_ACCUM_TAG = "deconflow/grad_accum"  # out-of-memory retries keep the effective batch
+ATTEMPT_TAG = "deconflow/attempt"
+
+
+def build_training_run(grid: Grid) -> dg.AssetsDefinition:
+    @dg.asset(
+        name="training_run",
+        partitions_def=partitions_def(grid),
+        group_name="training",
+        kinds={"pytorch"},
+        description=(
+            "One ResNet-18 training of a grid cell (variant x lr x weight decay x seed). "
+            "Metrics land as Parquet in data/runs/<cell key>/; a diverged run is a result."
+        ),
+    )
+    def training_run(
+        context: dg.AssetExecutionContext, compute: ComputeResource, sweep: SweepSettings
+    ):
+        cell = cell_for(context.partition_key)
+        tags = context.run.tags
+        context.instance.add_run_tags(context.run_id, {SWEEP_TAG: grid.name, CELL_TAG: cell.key})
+        overrides = sweep.overrides()
+        if GRAD_ACCUM_TAG in tags:
+            overrides["grad_accum"] = int(tags[GRAD_ACCUM_TAG])
+        work = work_dir() / cell.key
+        if tags.get(RESUME_TAG) != "true" and work.exists():
+            context.log.info(f"fresh attempt: clearing {work}")
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        results = compute.train_cell(context, cell, sweep.profile, overrides, work)
+        if not (work / "summary.json").exists():
+            raise dg.Failure(f"training of {cell.key} ended without a summary.json in {work}")
+        published = publish_run(work, runs_dir())
+        extra = {"run_dir": dg.MetadataValue.path(str(published)), "cell": cell.key}
+        job_id = work / "slurm" / "job_id"
+        if job_id.exists():
+            extra["slurm_job_id"] = job_id.read_text().strip()
+        mats = [r for r in results if isinstance(r, dg.MaterializeResult)]
+        if not mats:
+            raise dg.Failure(f"training of {cell.key} reported no materialization")
+        return dg.MaterializeResult(metadata={**(mats[-1].metadata or {}), **extra})
+
+    return training_run

@@ -55,6 +55,60 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from deconflow.demo import run_demo
+
+    return run_demo(workers=args.workers, all_cells=args.all, seeds=args.seeds)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from deconflow.instance import ensure_dagster_home
+    from deconflow.status import format_grid, live_runs_table
+
+    ensure_dagster_home()
+    grid = load_grid()
+    with dg.DagsterInstance.get() as instance:
+        print(format_grid(grid, live_runs_table(grid, instance)))
+    return 0
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from deconflow.status import NoDatabase, run_sql
+
+    try:
+        df = run_sql(args.query)
+    except NoDatabase as e:
+        raise GridError(str(e)) from None
+    except duckdb.Error as e:
+        raise GridError(f"SQL error: {str(e).splitlines()[0]}") from None
+    if args.csv:
+        df.to_csv(sys.stdout, index=False)
+    else:
+        print(df.to_string(index=False, max_rows=args.max_rows))
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    import os
+
+    from deconflow.instance import ensure_dagster_home
+
+    home = ensure_dagster_home()
+    print(f"DAGSTER_HOME={home}", file=sys.stderr)
+    cmd = ["dagster", "dev", "-m", "deconflow.definitions", *args.dagster_args]
+    os.execvp(cmd[0], cmd)
+
+
+def cmd_slurm(args: argparse.Namespace) -> int:
+    from deconflow.slurm.cluster import main as cluster_main
+
+    return cluster_main([args.action, *args.rest])
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deconflow", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -76,6 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grid", help="list the grid's cells")
     g.add_argument("--grid", help="grid file (default $DECONFLOW_GRID or the packaged one)")
     g.set_defaults(func=cmd_grid)
+
+    d = sub.add_parser("demo", help="run the demo sweep through Dagster, then analyse it")
+    d.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
+    d.add_argument("--seeds", type=int, default=2, help="seeds per cell (default 2)")
+    d.add_argument("--all", action="store_true", help="every cell of the grid (216)")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("status", help="completeness grid (variant x hp) with counts")
+    s.set_defaults(func=cmd_status)
+
+    q = sub.add_parser("sql", help="run SQL read-only on the DuckDB database")
+    q.add_argument("query")
+    q.add_argument("--csv", action="store_true", help="print CSV instead of a table")
+    q.add_argument("--max-rows", type=int, default=200)
+    q.set_defaults(func=cmd_sql)
+
+    v = sub.add_parser("dev", help="dagster dev with the persistent DAGSTER_HOME")
+    v.add_argument("dagster_args", nargs=argparse.REMAINDER)
+    v.set_defaults(func=cmd_dev)
+
+    c = sub.add_parser("slurm", help="the local one-node SLURM cluster: up | down | status")
+    c.add_argument("action", choices=["up", "down", "status", "env"])
+    c.add_argument("rest", nargs=argparse.REMAINDER)
+    c.set_defaults(func=cmd_slurm)
     return p
 
 

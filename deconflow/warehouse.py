@@ -140,6 +140,7 @@ def runs_table(grid: Grid, runs: dict[str, Path], states: dict[str, dict]) -> pd
     df = pd.DataFrame(rows)
     for c in ("attempts", "resumes"):
         df[c] = df[c].astype("int64")
+    df["steps"] = df["steps"].astype("Int64")
     for c in ("wall_time_s", "final_train_loss", "best_val_ce"):
         df[c] = df[c].astype("float64")
     return df
@@ -275,8 +276,8 @@ def quality_gates(db_path: Path) -> pd.DataFrame:
         bad_freq = (
             con.execute(f"""
             WITH c AS (
-              SELECT r.run_id, r.steps, s.steps_per_epoch, s.epochs, s.val_per_epoch,
-                     s.hessian_every, s.noise_every_epochs,
+              SELECT r.run_id, CAST(r.steps AS BIGINT) AS steps, s.steps_per_epoch, s.epochs,
+                     s.val_per_epoch, s.hessian_every, s.noise_every_epochs,
                 (SELECT count(*) FROM batch_metrics b WHERE b.run_id = r.run_id) AS nb,
                 (SELECT count(*) FROM val_metrics v WHERE v.run_id = r.run_id) AS nv,
                 (SELECT count(*) FROM curvature_metrics h WHERE h.run_id = r.run_id) AS nh,

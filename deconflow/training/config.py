@@ -39,6 +39,7 @@ class TrainConfig:
     noise_microbatches: int = 8  # micro-batches for the gradient-variance estimate
     heartbeat_every_s: float = 10.0
     keep_best: int = 3
+    checkpoint_every: int = 1  # validation points between saves of latest.pt
     device: str = "auto"  # auto | cpu | cuda
     # GPU fast path (no effect on CPU).
     channels_last: bool = False
@@ -68,18 +69,19 @@ PROFILES: dict[str, TrainConfig] = {
     "demo": TrainConfig(
         profile="demo",
         dataset="digits",
-        epochs=10,
-        batch_size=64,
+        epochs=16,  # alpha_early needs epochs 5 to 15
+        batch_size=128,
         warmup_epochs=1.0,
         width_mult=0.125,
         crop_scale=(0.5, 1.0),
-        hessian_every=50,
-        hessian_iters=6,
-        hutchinson_samples=3,
+        hessian_every=60,
+        hessian_iters=5,
+        hutchinson_samples=2,
         hessian_batch=64,
         noise_every_epochs=2,
-        noise_microbatches=4,
+        noise_microbatches=3,
         heartbeat_every_s=2.0,
+        checkpoint_every=4,  # once per epoch: the demo is I/O-bound otherwise
     ),
     "synthetic": TrainConfig(
         profile="synthetic", dataset="synthetic", n_train=50_000, n_test=10_000

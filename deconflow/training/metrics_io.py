@@ -48,7 +48,8 @@ class MetricLog:
     def frame(self, family: str) -> pd.DataFrame:
         df = pd.DataFrame(self.rows[family], columns=FAMILIES[family])
         df.insert(0, "run_id", self.run_id)
-        return df.astype({"step": "int64"})
+        types = {c: "float64" for c in FAMILIES[family]}
+        return df.astype({**types, "step": "int64", "run_id": "object"})
 
     def flush(self) -> None:
         for family in FAMILIES:

@@ -187,6 +187,7 @@ def train(
     flushed_upto = step
     diverged_at: int | None = None
     perm, perm_epoch = None, -1
+    n_val = len(metrics.rows["val_metrics"])
     beat(force=True)
 
     def flush(upto: int) -> None:
@@ -339,8 +340,11 @@ def train(
                 residual_power=resid,
             )
 
-        metrics.flush()
         ckpts.offer_best(v[0], step, model.state_dict())
+        n_val += 1
+        if n_val % cfg.checkpoint_every and step != total_steps:
+            continue
+        metrics.flush()
         ckpts.save_latest(
             {
                 "model": model.state_dict(),

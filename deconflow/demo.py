@@ -1,0 +1,167 @@
+"""``deconflow demo``: the demo profile's sweep through real Dagster runs on the
+persistent instance, then the analysis, with a progress bar and a short report."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
+
+from deconflow.sweep import Cell, Grid
+
+EXAMPLE_QUERIES = [
+    (
+        "Best validation CE per variant",
+        "SELECT variant, count(*) AS runs, round(avg(best_val_ce), 4) AS mean_best_val_ce, "
+        "round(min(best_val_ce), 4) AS best FROM run_fits GROUP BY variant ORDER BY variant",
+    ),
+    (
+        "Power-law quality: runs with R² >= 0.98 per variant",
+        "SELECT variant, count(*) FILTER (WHERE r_squared >= 0.98) AS good_fits, count(*) AS runs "
+        "FROM run_fits GROUP BY variant ORDER BY variant",
+    ),
+    (
+        "Loss curve of one run, every 50th step",
+        "SELECT run_id, step, round(epoch, 2) AS epoch, round(loss_nats, 4) AS loss "
+        "FROM batch_metrics WHERE run_id = (SELECT min(run_id) FROM runs WHERE status = "
+        "'materialized') AND step % 50 = 0 ORDER BY step LIMIT 5",
+    ),
+]
+
+
+# Dagster's event log stays complete in the instance; the console shows only warnings.
+QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+def _quiet() -> None:
+    import logging
+
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=Warning, module="dagster")
+
+
+def demo_cells(grid: Grid, per_variant_seeds: int = 2, all_cells: bool = False) -> list[Cell]:
+    """Default: every variant x every lr x the middle weight decay x the first seeds."""
+    if all_cells:
+        return grid.cells
+    wds = sorted(grid.weight_decays)
+    wd = wds[len(wds) // 2]
+    seeds = sorted(grid.seeds)[:per_variant_seeds]
+    return [Cell(v, lr, wd, s) for v in grid.variants for lr in sorted(grid.lrs) for s in seeds]
+
+
+def _materialize_cell(key: str) -> tuple[str, bool, str, float]:
+    """Worker: one Dagster run materializing one partition on the persistent instance."""
+    import dagster as dg
+
+    from deconflow.definitions import defs
+    from deconflow.partitions import partition_key
+    from deconflow.sweep import parse_key
+
+    t0 = time.monotonic()
+    _quiet()
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize(
+            [defs.get_repository_def().assets_defs_by_key[dg.AssetKey("training_run")]],
+            partition_key=partition_key(parse_key(key)),
+            instance=instance,
+            raise_on_error=False,
+            tags={"deconflow/launched_by": "deconflow demo"},
+            run_config=QUIET,
+        )
+    outcome = "failed"
+    if result.success:
+        mats = result.asset_materializations_for_node("training_run")
+        if mats and "outcome" in mats[0].metadata:
+            outcome = mats[0].metadata["outcome"].value
+    return key, result.success, outcome, time.monotonic() - t0
+
+
+def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
+    import dagster as dg
+    from tqdm import tqdm
+
+    from deconflow.instance import ensure_dagster_home
+
+    os.environ.setdefault("DECONFLOW_PROFILE", "demo")
+    home = ensure_dagster_home()
+    from deconflow.definitions import defs
+    from deconflow.status import format_grid, live_runs_table, run_sql
+    from deconflow.sweep import load_grid
+
+    grid = load_grid()
+    cells = demo_cells(grid, seeds, all_cells)
+    print(
+        f"deconflow demo: {len(cells)} cells of {len(grid)} ({len(grid.variants)} variants), "
+        f"profile {os.environ['DECONFLOW_PROFILE']}, {workers} at a time, "
+        f"Dagster home {home}"
+    )
+    with dg.DagsterInstance.get():
+        pass  # create/migrate the instance's storage once, before workers open it
+    t0 = time.monotonic()
+    failed = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(_materialize_cell, c.key) for c in cells]
+        with tqdm(total=len(cells), unit="run", file=sys.stdout, dynamic_ncols=True) as bar:
+            for fut in as_completed(futures):
+                key, ok, outcome, secs = fut.result()
+                bar.set_postfix_str(f"{key} {outcome} {secs:.0f}s")
+                bar.update()
+                if not ok:
+                    failed.append(key)
+    t_train = time.monotonic() - t0
+    print(
+        f"trained {len(cells) - len(failed)}/{len(cells)} cells in {t_train:.0f}s"
+        + (f"; failed: {', '.join(failed)}" if failed else "")
+    )
+
+    print("analysing: runs, run_fits, hypotheses, completeness, sweep_db, export ...")
+    t1 = time.monotonic()
+    _quiet()
+    repo = defs.get_repository_def()
+    downstream = [
+        a for k, a in repo.assets_defs_by_key.items() if k.to_user_string() != "training_run"
+    ]
+    with dg.DagsterInstance.get() as instance:
+        result = dg.materialize(
+            downstream + list(repo.asset_checks_defs_by_key.values()),
+            instance=instance,
+            raise_on_error=False,
+            tags={"deconflow/launched_by": "deconflow demo"},
+        )
+        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+        runs = live_runs_table(grid, instance)
+    print(f"analysis {'done' if result.success else 'FAILED'} in {time.monotonic() - t1:.1f}s")
+
+    print("\n== completeness (variant x hp) ==")
+    print(format_grid(grid, runs))
+    for name, ev in checks.items():
+        verdict = ev.metadata.get("verdict")
+        print(
+            f"check {name}: {'passed' if ev.passed else 'failed'}"
+            + (f" ({verdict.value})" if verdict else "")
+            + (f" - {ev.description}" if ev.description else "")
+        )
+
+    print("\n== hypotheses ==")
+    hyp = run_sql(
+        "SELECT hypothesis, scope, method, round(value, 3) AS value, "
+        "round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high, threshold, n, passed "
+        "FROM hypotheses ORDER BY hypothesis, scope = 'pooled' DESC, scope, method"
+    )
+    print(hyp.to_string(index=False))
+    excl = run_sql("SELECT count(*) AS n FROM hypotheses_excluded").iloc[0, 0]
+    print(f"({excl} exclusions; see the hypotheses_excluded table)")
+
+    print("\n== try these queries ==")
+    for title, sql in EXAMPLE_QUERIES:
+        print(f'-- {title}\ndeconflow sql "{sql}"')
+        print(run_sql(sql).to_string(index=False), "\n")
+    total = time.monotonic() - t0
+    print(
+        f"demo finished in {total:.0f}s. Browse it: `deconflow dev` then open "
+        "http://localhost:3000 (assets, partitions, runs, checks)."
+    )
+    return 0 if result.success and not failed else 1

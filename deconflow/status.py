@@ -1,0 +1,73 @@
+"""Read-side helpers for the CLI: the live completeness grid and read-only SQL."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from deconflow import warehouse
+from deconflow.settings import db_path, runs_dir
+from deconflow.sweep import Grid
+
+SYMBOLS = {"materialized": "#", "diverged": "D", "running": "~", "failed": "F", "missing": "."}
+
+
+def live_runs_table(grid: Grid, instance) -> pd.DataFrame:
+    """The ``runs`` table as it stands now (Dagster instance + published run folders)."""
+    from deconflow.dagster_state import partition_states
+
+    published = warehouse.published_runs(runs_dir(), grid)
+    return warehouse.runs_table(grid, published, partition_states(instance, grid.name))
+
+
+def format_grid(grid: Grid, runs: pd.DataFrame) -> str:
+    """variant x (lr, wd) matrix; each entry has one symbol per seed."""
+    status = {r.run_id: r.status for r in runs.itertuples()}
+    variants = sorted(grid.variants)
+    lines = [
+        "legend: # materialized  D diverged  ~ running  F failed  . missing; "
+        f"one symbol per seed {list(sorted(grid.seeds))}"
+    ]
+    head = f"{'lr / wd':<16}" + "".join(f"{v:<{max(8, len(grid.seeds) + 2)}}" for v in variants)
+    lines.append(head)
+    from deconflow.sweep import Cell
+
+    for lr in sorted(grid.lrs):
+        for wd in sorted(grid.weight_decays):
+            row = f"{f'lr{lr:g} wd{wd:g}':<16}"
+            for v in variants:
+                marks = "".join(
+                    SYMBOLS[status.get(Cell(v, lr, wd, s).key, "missing")]
+                    for s in sorted(grid.seeds)
+                )
+                row += f"{marks:<{max(8, len(grid.seeds) + 2)}}"
+            lines.append(row)
+    counts = Counter(runs["status"])
+    lines.append(
+        "totals: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in SYMBOLS) + f" (of {len(runs)})"
+    )
+    failed = runs[runs["status"] == "failed"]
+    for r in failed.itertuples():
+        lines.append(f"  failed {r.run_id}: {r.failure_class}: {r.failure_reason}")
+    return "\n".join(lines)
+
+
+class NoDatabase(FileNotFoundError):
+    pass
+
+
+def run_sql(query: str, path: Path | None = None) -> pd.DataFrame:
+    """Run SQL read-only on the published database (never takes a write lock)."""
+    path = path or db_path()
+    if not path.exists():
+        raise NoDatabase(
+            f"no database at {path}: run `deconflow demo` or materialize sweep_db first"
+        )
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        return con.execute(query).df()
+    finally:
+        con.close()

@@ -1,0 +1,485 @@
+"""SlurmResource against the real local SLURM cluster (no mocked sbatch/squeue/sacct).
+
+The cluster comes from :mod:`deconflow.slurm.cluster` (``.ci/run`` brings it up; the module
+fixture calls ``up()``, a no-op when it already runs). Every test uses its own job-name prefix,
+so counting a partition's jobs in ``sacct`` only sees that test's jobs. The one slow case (a
+one-minute time limit) runs in a background process started by the first cluster test and is
+checked by the last one, so it overlaps the rest of the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from deconflow.assets.training import build_training_run
+from deconflow.resources.slurm import (
+    JOB_ID_TAG,
+    STATE_TAG,
+    SlurmConfigError,
+    SlurmPoller,
+    SlurmResource,
+    _parse_scontrol,
+    parse_time_limit,
+)
+from deconflow.resources.sweep_settings import SweepSettings
+from deconflow.slurm import cluster
+from deconflow.sweep import Cell, load_grid
+
+REPO = Path(__file__).resolve().parents[1]
+HP = "lr0.1_wd0.001_s0"
+CELL = Cell("base", 0.1, 0.001, 0)
+
+
+def cluster_test(fn):
+    """Runs against the real local cluster (root only: its daemons run as root)."""
+    fn = pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM cluster runs as root")(fn)
+    return pytest.mark.slurm(fn)
+
+
+def _prefix() -> str:
+    """A job-name prefix of its own per test, so sacct counts see only that test's jobs."""
+    return "t" + uuid.uuid4().hex[:8]
+
+
+# --------------------------------------------------------------------------- materialize helper
+
+
+def materialize(
+    data: Path,
+    slurm: dict,
+    overrides: dict,
+    hp: str = HP,
+    tags: dict | None = None,
+) -> dict:
+    """Materialize one training_run partition through SLURM; a JSON-able summary of the run."""
+    os.environ["DECONFLOW_DATA"] = str(data)
+    instance = dg.DagsterInstance.ephemeral()
+    res = dg.materialize(
+        [build_training_run(load_grid())],
+        partition_key=dg.MultiPartitionKey({"variant": "base", "hp": hp}),
+        resources={
+            "compute": SlurmResource(**slurm),
+            "sweep": SweepSettings(profile="demo", overrides_json=json.dumps(overrides)),
+        },
+        instance=instance,
+        tags=tags,
+        raise_on_error=False,
+    )
+    out: dict = {"success": res.success, "metadata": {}, "failure": None}
+    for ev in res.get_asset_materialization_events():
+        md = ev.materialization.metadata
+        out["metadata"] = {k: _plain(v.value) for k, v in md.items()}
+    for ev in res.all_events:  # the step's dg.Failure, else the first error (e.g. resource init)
+        data_ = ev.event_specific_data
+        if ev.event_type_value == "STEP_FAILURE" and data_.user_failure_data is not None:
+            uf = data_.user_failure_data
+            meta = {k: _plain(v.value) for k, v in uf.metadata.items()}
+            out["failure"] = {"description": uf.description, "metadata": meta}
+            break
+        error = getattr(data_, "error", None)
+        if error is not None and out["failure"] is None:
+            out["failure"] = {"description": error.to_string(), "metadata": {}}
+    out["tags"] = dict(instance.get_run_by_id(res.run_id).tags)
+    return out
+
+
+def _plain(v):
+    return v if isinstance(v, str | int | float | bool | type(None)) else str(v)
+
+
+def _child_main() -> None:
+    """Entry point of a materializing subprocess (the 'orchestrator' that tests kill)."""
+    args = json.loads(sys.argv[1])
+    out = materialize(Path(args["data"]), args["slurm"], args["overrides"], tags=args.get("tags"))
+    Path(args["result"]).write_text(json.dumps(out))
+
+
+def start_child(tmp: Path, data: Path, slurm: dict, overrides: dict) -> tuple:
+    result = tmp / f"result-{uuid.uuid4().hex[:6]}.json"
+    args = {
+        "data": str(data),
+        "slurm": slurm,
+        "overrides": overrides,
+        "result": str(result),
+    }
+    log = open(tmp / f"child-{uuid.uuid4().hex[:6]}.log", "wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from tests.test_slurm_resource import _child_main; _child_main()",
+            json.dumps(args),
+        ],
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "DECONFLOW_DATA": str(data)},
+    )
+    return proc, result, Path(log.name)
+
+
+# --------------------------------------------------------------------------- cluster helpers
+
+
+def _client(*argv: str) -> str:
+    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, f"{argv}: {proc.stdout}{proc.stderr}"
+    return proc.stdout
+
+
+def sacct_by_name(name: str) -> list[tuple[str, str]]:
+    """(job id, state) of every allocation ever named ``name``."""
+    out = _client(
+        "sacct", "-n", "-P", "-X", "-o", "JobID,State", f"--name={name}", "-S", "now-1day"
+    )
+    return [tuple(line.split("|")[:2]) for line in out.splitlines() if line.strip()]
+
+
+def wait_sacct_state(name: str, prefix: str, timeout: float = 60) -> list[tuple[str, str]]:
+    deadline = time.monotonic() + timeout
+    rows: list = []
+    while time.monotonic() < deadline:
+        rows = sacct_by_name(name)
+        if rows and all(state.startswith(prefix) for _, state in rows):
+            return rows
+        time.sleep(0.5)
+    pytest.fail(f"{name}: sacct says {rows}, expected all {prefix}")
+
+
+def squeue_by_name(name: str) -> list[str]:
+    return _client("squeue", "--noheader", f"--name={name}", "--format=%i|%T").split()
+
+
+def wait_for(what: str, probe, timeout: float = 90, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the materializing process exited ({proc.returncode}) before {what}")
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def heartbeat_step(work: Path) -> int:
+    try:
+        return int(json.loads((work / "heartbeat.json").read_text())["step"]) + 1
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster() -> cluster.ClusterInfo:
+    # Resolve the state dir before any test points DECONFLOW_DATA elsewhere.
+    info = cluster.up(cluster.default_state_dir())
+    os.environ["SLURM_CONF"] = str(info.slurm_conf)
+    return info
+
+
+@pytest.fixture(autouse=True)
+def _restore_data_env(monkeypatch):
+    """materialize() sets DECONFLOW_DATA; monkeypatch puts the old value back."""
+    monkeypatch.setenv("DECONFLOW_DATA", os.environ.get("DECONFLOW_DATA", "data"))
+
+
+def slurm_config(info: cluster.ClusterInfo, prefix: str, **kw) -> dict:
+    cfg = {
+        "partition": info.partition,
+        "time_limit": "00:10:00",
+        "mem": "1G",
+        "poll_interval_s": 1,
+        "slurm_conf": str(info.slurm_conf),
+        "job_name_prefix": prefix,
+    }
+    return {**cfg, **kw}
+
+
+@pytest.fixture(scope="module")
+def timeout_run(slurm_cluster, tmp_path_factory):
+    """The slow case, started early in the background: a hung run under a 1-minute limit."""
+    tmp = tmp_path_factory.mktemp("timeout")
+    prefix = _prefix()
+    # No --signal here: SLURM sends it up to a minute early, which would beat the limit.
+    cfg = slurm_config(slurm_cluster, prefix, time_limit="00:01:00", signal_before_s=0)
+    proc, result, log = start_child(tmp, tmp / "data", cfg, {"epochs": 2, "fault": "hang@5"})
+    yield {"proc": proc, "result": result, "log": log, "name": f"{prefix}-{CELL.key}"}
+    if proc.poll() is None:
+        proc.kill()
+
+
+# --------------------------------------------------------------------------- no cluster needed
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("partition", "gpu;touch /tmp/pwned"),
+        ("account", "$(touch /tmp/pwned)"),
+        ("qos", "normal\n#SBATCH --uid=0"),
+        ("job_name_prefix", "dcf`touch /tmp/pwned`"),
+        ("mem", "4G; touch /tmp/pwned"),
+        ("time_limit", "01:00:00 --wrap=touch"),
+        ("extra_sbatch_lines", ["--constraint=a\ntouch /tmp/pwned"]),
+        ("gpu_sharing", "mig"),
+        ("workers_per_gpu", 3),
+    ],
+)
+def test_config_injection_is_rejected(field, value, tmp_path) -> None:
+    res = SlurmResource(**{field: value})
+    with pytest.raises(SlurmConfigError) as err:
+        res.render_script(CELL, ["python", "-V"], {}, tmp_path)
+    msg = str(err.value)
+    assert "\n" not in msg and (field in msg or "split" in msg), msg
+    assert not Path("/tmp/pwned").exists()
+
+
+def test_bad_partition_fails_the_run_before_submitting(tmp_path) -> None:
+    out = materialize(tmp_path, {"partition": "gpu;touch /tmp/pwned"}, {"epochs": 1})
+    assert not out["success"]
+    assert "invalid SlurmResource.partition 'gpu;touch /tmp/pwned'" in json.dumps(out["failure"])
+    assert not Path("/tmp/pwned").exists()
+    assert not (tmp_path / "work" / CELL.key / "slurm" / "job.sh").exists()
+
+
+def test_script_quotes_values_and_keeps_setup_lines_verbatim(tmp_path) -> None:
+    res = SlurmResource(
+        partition="gpu",
+        account="proj-1",
+        qos="normal",
+        gpus_per_job=1,
+        workers_per_gpu=2,
+        cpus_per_task=4,
+        mem="4G",
+        time_limit="1-00:30:00",
+        extra_sbatch_lines=["#SBATCH --constraint=rtx8000", "--exclusive"],
+        setup_lines=["module load cuda/12.1", "source /opt/venv/bin/activate"],
+    )
+    nasty = 'it\'s $(touch /tmp/pwned); `id` "x"\nnext'
+    script = res.render_script(
+        CELL, ["python", "-c", "print('hi there')"], {"DAGSTER_PIPES_CONTEXT": nasty}, tmp_path
+    )
+    lines = script.splitlines()
+    for opt in (
+        f"--job-name=dcf-{CELL.key}",
+        "--partition=gpu",
+        "--account=proj-1",
+        "--qos=normal",
+        "--gres=shard:1",  # 2 shards per GPU, 2 workers per GPU
+        "--cpus-per-task=4",
+        "--mem=4G",
+        "--time=1-00:30:00",
+        "--signal=B:USR1@120",
+        f"--output={tmp_path.resolve()}/train.log",
+        f"--error={tmp_path.resolve()}/train.log",
+        "--open-mode=append",
+        f"--chdir={Path.cwd()}",
+        "--export=ALL",
+        "--constraint=rtx8000",
+        "--exclusive",
+    ):
+        assert f"#SBATCH {opt}" in lines, opt
+    assert lines.index("module load cuda/12.1") < lines.index("source /opt/venv/bin/activate")
+    assert lines[-1] == "exec python -c 'print('\"'\"'hi there'\"'\"')'"
+    # Run the script itself: the quoted value reaches the process intact, nothing executes.
+    plain = SlurmResource().render_script(
+        CELL, ["printenv", "DAGSTER_PIPES_CONTEXT"], {"DAGSTER_PIPES_CONTEXT": nasty}, tmp_path
+    )
+    (tmp_path / "job.sh").write_text(plain)
+    got = subprocess.run(
+        ["bash", str(tmp_path / "job.sh")], capture_output=True, text=True, check=True
+    ).stdout
+    assert got.split("\n", 1)[1] == nasty + "\n"  # after the "[deconflow] SLURM job" line
+    assert not Path("/tmp/pwned").exists()
+    assert SlurmResource(workers_per_gpu=2, gpu_sharing="mps", shares_per_gpu=100).gres() == (
+        "mps:50"
+    )
+    assert SlurmResource(gpus_per_job=0).gres() is None
+    with pytest.raises(SlurmConfigError, match="working directory|work folder"):
+        SlurmResource().render_script(CELL, ["true"], {}, tmp_path / "a b")
+
+
+def test_time_limit_formats() -> None:
+    assert parse_time_limit("30") == 1800
+    assert parse_time_limit("30:15") == 1815
+    assert parse_time_limit("01:00:00") == 3600
+    assert parse_time_limit("2-00") == 2 * 86400
+    assert parse_time_limit("1-02:03:04") == 86400 + 7384
+    for bad in ("", "1h", "-1", "1:2:3:4", "0"):
+        with pytest.raises(SlurmConfigError):
+            parse_time_limit(bad)
+
+
+# --------------------------------------------------------------------------- real cluster
+
+
+@pytest.mark.usefixtures("timeout_run")  # starts the slow time-limit case in the background
+@cluster_test
+def test_materialize_through_slurm(slurm_cluster, tmp_path) -> None:
+    prefix = _prefix()
+    out = materialize(tmp_path, slurm_config(slurm_cluster, prefix), {"epochs": 2})
+    assert out["success"], out
+    md = out["metadata"]
+    assert md["outcome"] == "completed" and md["steps"] == md["total_steps"] > 0
+    assert md["slurm_state"] == "COMPLETED" and md["slurm_adopted"] is False
+    job_id = md["slurm_job_id"]
+    assert out["tags"][JOB_ID_TAG] == job_id and out["tags"][STATE_TAG] == "COMPLETED"
+    work = tmp_path / "work" / CELL.key
+    assert (work / "slurm" / "job_id").read_text().strip() == job_id
+    assert "#SBATCH --signal=B:USR1@120" in (work / "slurm" / "job.sh").read_text()
+    assert f"SLURM job {job_id} on" in (work / "train.log").read_text()
+    assert wait_sacct_state(f"{prefix}-{CELL.key}", "COMPLETED") == [(job_id, "COMPLETED")]
+
+
+@cluster_test
+def test_terminating_the_run_cancels_the_job(slurm_cluster, tmp_path) -> None:
+    prefix = _prefix()
+    name = f"{prefix}-{CELL.key}"
+    data = tmp_path / "data"
+    cfg = slurm_config(slurm_cluster, prefix)
+    proc, result, log = start_child(tmp_path, data, cfg, {"epochs": 2, "fault": "hang@5"})
+    try:
+        wait_for(
+            "the job to run", lambda: any("RUNNING" in r for r in squeue_by_name(name)), 90, proc
+        )
+        # What Dagster's run termination does to a run worker (SIGTERM is mapped to SIGINT).
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert squeue_by_name(name) == [], log.read_text()[-3000:]
+    rows = wait_sacct_state(name, "CANCELLED")
+    assert len(rows) == 1
+    assert "cancelled SLURM job" in log.read_text()
+
+
+@cluster_test
+def test_killed_orchestrator_reattaches_to_its_job(slurm_cluster, tmp_path) -> None:
+    prefix = _prefix()
+    name = f"{prefix}-{CELL.key}"
+    data = tmp_path / "data"
+    work = data / "work" / CELL.key
+    cfg = slurm_config(slurm_cluster, prefix)
+    overrides = {"epochs": 6}
+    proc, _, log = start_child(tmp_path, data, cfg, overrides)
+    try:
+        wait_for("training to start", lambda: heartbeat_step(work) >= 2, 90, proc)
+    finally:
+        proc.kill()  # SIGKILL: no cancel, no cleanup, the job keeps running
+        proc.wait(10)
+    first = (work / "slurm" / "job_id").read_text().strip()
+    assert any(r.startswith(first + "|") for r in squeue_by_name(name))
+    out = materialize(data, cfg, overrides)
+    assert out["success"], out
+    md = out["metadata"]
+    assert md["slurm_job_id"] == first and md["slurm_adopted"] is True
+    assert md["outcome"] == "completed" and md["steps"] == md["total_steps"] > 0
+    assert out["tags"][JOB_ID_TAG] == first
+    assert wait_sacct_state(name, "COMPLETED") == [(first, "COMPLETED")]  # exactly one job
+
+
+@cluster_test
+def test_usr1_before_the_limit_checkpoints_then_resumes(slurm_cluster, tmp_path) -> None:
+    """What ``--signal=B:USR1@120`` does near the limit, sent now with ``scancel --signal``."""
+    prefix = _prefix()
+    cfg = slurm_config(slurm_cluster, prefix)
+    work = tmp_path / "work" / CELL.key
+    latest = work / "checkpoints" / "latest.pt"
+    sent: list[str] = []
+
+    def send_usr1() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (latest.exists() and heartbeat_step(work) > 38):
+            time.sleep(0.2)
+        job_id = (work / "slurm" / "job_id").read_text().strip()
+        sent.append(job_id)
+        _client("scancel", "--signal=USR1", "--batch", job_id)
+
+    sender = threading.Thread(target=send_usr1, daemon=True)
+    sender.start()
+    # Checkpoints at step 38, then hangs at step 40 until the signal arrives.
+    out = materialize(tmp_path, cfg, {"epochs": 3, "fault": "hang@40"})
+    sender.join(10)
+    assert not out["success"] and sent
+    failure = out["failure"]
+    assert failure["metadata"]["failure_class"] == "timeout", failure
+    assert (
+        f"SLURM job {sent[0]} ended FAILED (exit 138: stopped by SIGUSR1"
+        in (failure["description"])
+    )
+    # The retry (the sensors tag it as a resume) continues from the checkpoint.
+    again = materialize(tmp_path, cfg, {"epochs": 3}, tags={"deconflow/resume": "true"})
+    assert again["success"], again
+    md = again["metadata"]
+    assert md["attempts"] == 2 and md["steps"] == md["total_steps"] == 66
+    assert md["slurm_job_id"] != sent[0]
+
+
+@cluster_test
+def test_poller_costs_one_squeue_per_interval(slurm_cluster, tmp_path) -> None:
+    res = SlurmResource(
+        **slurm_config(slurm_cluster, _prefix(), gpus_per_job=0, mem="20M", signal_before_s=0)
+    )
+    ids = []
+    for seed in range(20):
+        cell = Cell("base", 0.1, 0.001, seed)
+        work = tmp_path / cell.key
+        work.mkdir()
+        (work / "job.sh").write_text(res.render_script(cell, ["sleep", "120"], {}, work))
+        ids.append(res.submit(work / "job.sh"))
+    env = res.client_env()
+    try:
+        # One process, 20 jobs in flight.
+        poller = SlurmPoller(env, interval_s=1.0)
+        for job_id in ids:
+            poller.track(job_id)
+        time.sleep(4.5)
+        assert all(poller.state(j) is not None for j in ids)
+        assert 3 <= poller.counts["squeue"] <= 7, poller.counts
+        # Two processes' pollers sharing the cache file: still ~one squeue per interval.
+        cache = tmp_path / "squeue-cache.json"
+        a, b = SlurmPoller(env, 1.0, cache), SlurmPoller(env, 1.0, cache)
+        for i, job_id in enumerate(ids):
+            (a if i % 2 else b).track(job_id)
+        time.sleep(4.5)
+        together = a.counts["squeue"] + b.counts["squeue"]
+        assert together <= 7 and a.counts["squeue_cached"] + b.counts["squeue_cached"] >= 2, (
+            a.counts,
+            b.counts,
+        )
+    finally:
+        subprocess.run(["scancel", *ids], env=env, check=False)
+    ends = [poller.wait_final(j, 60) for j in ids]
+    assert all(st is not None and st.base_state == "CANCELLED" for st in ends), ends
+    shown = _parse_scontrol(_client("scontrol", "-o", "show", "job", ids[0]))  # the fallback
+    assert shown[ids[0]]["JobState"] == "CANCELLED"
+    assert poller.counts["sacct"] <= 8, poller.counts  # not one per job
+    for p in (poller, a, b):
+        for job_id in ids:
+            p.untrack(job_id)
+
+
+@cluster_test
+def test_time_limit_ends_timeout(timeout_run) -> None:
+    proc = timeout_run["proc"]
+    proc.wait(240)
+    out = json.loads(timeout_run["result"].read_text())
+    assert not out["success"]
+    failure = out["failure"]
+    assert failure["metadata"]["failure_class"] == "timeout", failure
+    assert "ended TIMEOUT (time limit 00:01:00)" in failure["description"]
+    assert out["tags"]["deconflow/failure_class"] == "timeout"
+    assert out["tags"][STATE_TAG] == "TIMEOUT"
+    assert [s for _, s in sacct_by_name(timeout_run["name"])] == ["TIMEOUT"]

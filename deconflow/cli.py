@@ -61,6 +61,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(workers=args.workers, all_cells=args.all, seeds=args.seeds)
 
 
+def cmd_materialize(args: argparse.Namespace) -> int:
+    from deconflow.demo import analyse, materialize_cells
+    from deconflow.instance import ensure_dagster_home
+
+    grid = load_grid()
+    cells = grid.cells
+    if args.key:
+        cells = [parse_key(k) for k in args.key]
+    for name, values in (
+        ("variant", args.variant),
+        ("lr", args.lr),
+        ("weight_decay", args.wd),
+        ("seed", args.seed),
+    ):
+        if values:
+            cells = [c for c in cells if getattr(c, name) in values]
+    if not cells:
+        raise GridError("the selection matches no cell of the grid")
+    ensure_dagster_home()
+    print(f"materializing {len(cells)} partition(s), {args.workers} at a time")
+    failed = materialize_cells(cells, args.workers)
+    ok = True
+    if not args.no_analysis:
+        ok, _ = analyse()
+    return 0 if ok and not failed else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import dagster as dg
 
@@ -136,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, default=2, help="seeds per cell (default 2)")
     d.add_argument("--all", action="store_true", help="every cell of the grid (216)")
     d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser(
+        "materialize",
+        help="run partitions as Dagster runs (a CLI backfill), then refresh the analysis",
+    )
+    m.add_argument("--key", nargs="+", help="cell keys, e.g. base__lr0.1_wd0.0001_s0")
+    m.add_argument("--variant", nargs="+")
+    m.add_argument("--lr", nargs="+", type=float)
+    m.add_argument("--wd", nargs="+", type=float)
+    m.add_argument("--seed", nargs="+", type=int)
+    m.add_argument("--workers", type=int, default=2)
+    m.add_argument("--no-analysis", action="store_true", help="skip the downstream assets")
+    m.set_defaults(func=cmd_materialize)
 
     s = sub.add_parser("status", help="completeness grid (variant x hp) with counts")
     s.set_defaults(func=cmd_status)

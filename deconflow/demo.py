@@ -79,25 +79,11 @@ def _materialize_cell(key: str) -> tuple[str, bool, str, float]:
     return key, result.success, outcome, time.monotonic() - t0
 
 
-def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
+def materialize_cells(cells: list[Cell], workers: int = 2) -> list[str]:
+    """Materialize partitions as real Dagster runs, ``workers`` at a time; returns failures."""
     import dagster as dg
     from tqdm import tqdm
 
-    from deconflow.instance import ensure_dagster_home
-
-    os.environ.setdefault("DECONFLOW_PROFILE", "demo")
-    home = ensure_dagster_home()
-    from deconflow.definitions import defs
-    from deconflow.status import format_grid, live_runs_table, run_sql
-    from deconflow.sweep import load_grid
-
-    grid = load_grid()
-    cells = demo_cells(grid, seeds, all_cells)
-    print(
-        f"deconflow demo: {len(cells)} cells of {len(grid)} ({len(grid.variants)} variants), "
-        f"profile {os.environ['DECONFLOW_PROFILE']}, {workers} at a time, "
-        f"Dagster home {home}"
-    )
     with dg.DagsterInstance.get():
         pass  # create/migrate the instance's storage once, before workers open it
     t0 = time.monotonic()
@@ -111,11 +97,18 @@ def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
                 bar.update()
                 if not ok:
                     failed.append(key)
-    t_train = time.monotonic() - t0
     print(
-        f"trained {len(cells) - len(failed)}/{len(cells)} cells in {t_train:.0f}s"
-        + (f"; failed: {', '.join(failed)}" if failed else "")
+        f"trained {len(cells) - len(failed)}/{len(cells)} cells in {time.monotonic() - t0:.0f}s"
+        + (f"; failed: {', '.join(sorted(failed))}" if failed else "")
     )
+    return failed
+
+
+def analyse() -> tuple[bool, dict]:
+    """Materialize every downstream asset and check in one run; returns (ok, checks)."""
+    import dagster as dg
+
+    from deconflow.definitions import defs
 
     print("analysing: runs, run_fits, hypotheses, completeness, sweep_db, export ...")
     t1 = time.monotonic()
@@ -129,11 +122,36 @@ def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
             downstream + list(repo.asset_checks_defs_by_key.values()),
             instance=instance,
             raise_on_error=False,
-            tags={"deconflow/launched_by": "deconflow demo"},
+            run_config=QUIET,
+            tags={"deconflow/launched_by": "deconflow"},
         )
-        checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
-        runs = live_runs_table(grid, instance)
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
     print(f"analysis {'done' if result.success else 'FAILED'} in {time.monotonic() - t1:.1f}s")
+    return result.success, checks
+
+
+def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
+    import dagster as dg
+
+    from deconflow.instance import ensure_dagster_home
+
+    os.environ.setdefault("DECONFLOW_PROFILE", "demo")
+    home = ensure_dagster_home()
+    from deconflow.status import format_grid, live_runs_table, run_sql
+    from deconflow.sweep import load_grid
+
+    grid = load_grid()
+    cells = demo_cells(grid, seeds, all_cells)
+    print(
+        f"deconflow demo: {len(cells)} cells of {len(grid)} ({len(grid.variants)} variants), "
+        f"profile {os.environ['DECONFLOW_PROFILE']}, {workers} at a time, "
+        f"Dagster home {home}"
+    )
+    t0 = time.monotonic()
+    failed = materialize_cells(cells, workers)
+    ok, checks = analyse()
+    with dg.DagsterInstance.get() as instance:
+        runs = live_runs_table(grid, instance)
 
     print("\n== completeness (variant x hp) ==")
     print(format_grid(grid, runs))
@@ -164,4 +182,4 @@ def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
         f"demo finished in {total:.0f}s. Browse it: `deconflow dev` then open "
         "http://localhost:3000 (assets, partitions, runs, checks)."
     )
-    return 0 if result.success and not failed else 1
+    return 0 if ok and not failed else 1

@@ -8,6 +8,12 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+import torch
+
+# One torch thread: tests share 2 cores with training subprocesses, and oversubscribed
+# OpenMP threads make small models many times slower.
+os.environ.setdefault("DECONFLOW_TORCH_THREADS", "1")
+torch.set_num_threads(int(os.environ["DECONFLOW_TORCH_THREADS"]))
 
 # Small demo runs: 4 epochs of 11 steps, every monitor still fires.
 SMALL = {"epochs": 4}

@@ -10,6 +10,7 @@ checked by the last one, so it overlaps the rest of the file.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
 import pytest
@@ -35,6 +37,8 @@ from deconflow.resources.slurm import (
 from deconflow.resources.sweep_settings import SweepSettings
 from deconflow.slurm import cluster
 from deconflow.sweep import Cell, load_grid
+from deconflow.training.config import get_profile
+from deconflow.training.data import load_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 HP = "lr0.1_wd0.001_s0"
@@ -321,6 +325,27 @@ def test_time_limit_formats() -> None:
             parse_time_limit(bad)
 
 
+def test_summary_fallback_when_pipes_said_nothing(tmp_path) -> None:
+    """A re-attached job whose materialization message was lost: metadata from summary.json."""
+    (tmp_path / "slurm").mkdir()
+    (tmp_path / "slurm" / "job_id").write_text("7\n")
+    time.sleep(0.01)
+    summary = {"outcome": "completed", "steps": 44, "total_steps": 44, "best_val_ce": 0.5}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    ctx = SimpleNamespace(log=logging.getLogger("test"))
+    info = {"job_id": "7", "state": "COMPLETED", "adopted": True}
+    implicit = dg.MaterializeResult(asset_key="training_run")
+    got = SlurmResource()._complete(implicit, info, tmp_path, ctx)
+    assert got.asset_key == dg.AssetKey("training_run")
+    assert got.metadata["outcome"] == "completed" and got.metadata["steps"] == 44
+    assert got.metadata["slurm_job_id"] == "7" and got.metadata["slurm_adopted"] is True
+    # Metadata that did come through Pipes is kept as it is.
+    reported = dg.MaterializeResult(asset_key="training_run", metadata={"outcome": "diverged"})
+    assert SlurmResource()._complete(reported, info, tmp_path, ctx).metadata["outcome"] == (
+        "diverged"
+    )
+
+
 # --------------------------------------------------------------------------- real cluster
 
 
@@ -372,7 +397,7 @@ def test_killed_orchestrator_reattaches_to_its_job(slurm_cluster, tmp_path) -> N
     data = tmp_path / "data"
     work = data / "work" / CELL.key
     cfg = slurm_config(slurm_cluster, prefix)
-    overrides = {"epochs": 6}
+    overrides = {"epochs": 15}  # long enough to be still running when re-attached
     proc, _, log = start_child(tmp_path, data, cfg, overrides)
     try:
         wait_for("training to start", lambda: heartbeat_step(work) >= 2, 90, proc)
@@ -398,10 +423,16 @@ def test_usr1_before_the_limit_checkpoints_then_resumes(slurm_cluster, tmp_path)
     work = tmp_path / "work" / CELL.key
     latest = work / "checkpoints" / "latest.pt"
     sent: list[str] = []
+    demo = get_profile("demo")
+    per_epoch = len(load_dataset(demo).y_train) // demo.batch_size
+    # Step `per_epoch` is a validation point (checkpoint); the run then hangs two steps on.
+    fault = f"hang@{per_epoch + 2}"
 
     def send_usr1() -> None:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (latest.exists() and heartbeat_step(work) > 38):
+        while time.monotonic() < deadline and not (
+            latest.exists() and heartbeat_step(work) > per_epoch
+        ):
             time.sleep(0.2)
         job_id = (work / "slurm" / "job_id").read_text().strip()
         sent.append(job_id)
@@ -409,8 +440,7 @@ def test_usr1_before_the_limit_checkpoints_then_resumes(slurm_cluster, tmp_path)
 
     sender = threading.Thread(target=send_usr1, daemon=True)
     sender.start()
-    # Checkpoints at step 38, then hangs at step 40 until the signal arrives.
-    out = materialize(tmp_path, cfg, {"epochs": 3, "fault": "hang@40"})
+    out = materialize(tmp_path, cfg, {"epochs": 3, "fault": fault})
     sender.join(10)
     assert not out["success"] and sent
     failure = out["failure"]
@@ -423,7 +453,7 @@ def test_usr1_before_the_limit_checkpoints_then_resumes(slurm_cluster, tmp_path)
     again = materialize(tmp_path, cfg, {"epochs": 3}, tags={"deconflow/resume": "true"})
     assert again["success"], again
     md = again["metadata"]
-    assert md["attempts"] == 2 and md["steps"] == md["total_steps"] == 66
+    assert md["attempts"] == 2 and md["steps"] == md["total_steps"] == 3 * per_epoch
     assert md["slurm_job_id"] != sent[0]
 
 

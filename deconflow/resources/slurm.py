@@ -270,6 +270,7 @@ class SlurmPoller:
         self._states: dict[str, JobState] = {}
         self._gone_since: dict[str, float] = {}
         self._wake = threading.Event()
+        self._fresh = False  # next listing must not come from the shared cache
         self._thread: threading.Thread | None = None
         self._user = _squeue_user()
 
@@ -293,6 +294,12 @@ class SlurmPoller:
         with self._cond:
             self._tracked.pop(job_id, None)
             self._gone_since.pop(job_id, None)
+            self._states.pop(job_id, None)
+
+    def poke(self) -> None:
+        """Poll now with a fresh listing: a waiter saw its training process finish."""
+        self._fresh = True
+        self._wake.set()
 
     def state(self, job_id: str) -> JobState | None:
         with self._cond:
@@ -367,13 +374,14 @@ class SlurmPoller:
 
     def _squeue_snapshot(self, ids: list[str]) -> tuple[float, dict[str, tuple[str, str]]]:
         """(time the listing started, {job id: (state, reason)}), from the cache when fresh."""
+        fresh, self._fresh = self._fresh, False
         if self.cache_path is None:
             taken_at = time.time()
             return taken_at, self._squeue(["--jobs=" + ",".join(ids)])
         with _flock(self.cache_path.with_name(self.cache_path.name + ".lock")):
             try:
                 cached = json.loads(self.cache_path.read_text())
-                if time.time() - cached["taken_at"] < 0.9 * self.interval_s:
+                if not fresh and time.time() - cached["taken_at"] < 0.9 * self.interval_s:
                     self.counts["squeue_cached"] += 1
                     return cached["taken_at"], {k: tuple(v) for k, v in cached["jobs"].items()}
             except (OSError, ValueError, KeyError, TypeError):
@@ -743,6 +751,8 @@ class SlurmResource(ComputeResource):
         try:
             while True:
                 st = poller.wait_change(handle.job_id, last, timeout=1.0)
+                if st is not None and not st.final and _training_finished(Path(work), handle):
+                    poller.poke()  # the job ends within a second: don't wait out the interval
                 if poller.last_error != last_error:
                     last_error = poller.last_error
                     if last_error:
@@ -823,6 +833,11 @@ class SlurmResource(ComputeResource):
         """The shared Pipes flow, plus SLURM metadata and the summary.json fallback."""
         results = super().train_cell(context, cell, profile, overrides, work)
         info = _read_json(Path(work) / SLURM_SUBDIR / JOB_INFO_FILE)
+        if info.get("adopted"):
+            context.log.info(
+                f"SLURM job {info.get('job_id')} was re-attached: it opened Dagster Pipes under "
+                "the earlier run, so a Pipes warning about missing messages is expected"
+            )
         return [self._complete(r, info, Path(work), context) for r in results]
 
     def _complete(self, result: Any, info: dict, work: Path, context) -> Any:
@@ -862,6 +877,24 @@ class SlurmResource(ComputeResource):
         if st is not None:
             info["last"] = asdict(st)
         _atomic_write(Path(work) / SLURM_SUBDIR / JOB_INFO_FILE, json.dumps(info, indent=2))
+
+
+def _training_finished(work: Path, job: SlurmJob) -> bool:
+    """The training process closed its Pipes session (or wrote its summary) for this job."""
+    try:
+        with open(work / ".pipes" / "messages.jsonl", "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 2048))
+            lines = f.read().splitlines()
+        if lines and b'"method": "closed"' in lines[-1]:
+            return True
+    except OSError:
+        pass
+    try:
+        summary = (work / "summary.json").stat().st_mtime
+        return summary >= (work / SLURM_SUBDIR / JOB_ID_FILE).stat().st_mtime
+    except OSError:
+        return False
 
 
 def _exited_on_usr1(st: JobState) -> bool:

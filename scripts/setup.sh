@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Set up deconflow on a fresh machine: Python packages (CPU torch pinned here so pip
+# never pulls the multi-GB CUDA build) and, with --slurm, Debian's SLURM packages for
+# the local one-node cluster the SLURM tests run against.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "setup: installing torch 2.13.0 (CPU)"
+  "$PY" -m pip install -q torch==2.13.0
+fi
+echo "setup: installing deconflow and its dependencies"
+"$PY" -m pip install -q -e ".[dev]"
+
+if [ "${1:-}" = "--slurm" ]; then
+  if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null \
+     || ! command -v munged >/dev/null || ! command -v mariadbd >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "setup: installing slurm-wlm, munge, slurmdbd, mariadb-server (Debian packages)"
+      apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        slurm-wlm munge slurmdbd mariadb-server >/dev/null
+    else
+      echo "setup: SLURM packages missing and not root with apt-get; SLURM tests will skip" >&2
+    fi
+  fi
+fi
+echo "setup: done"

@@ -40,8 +40,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from deconflow.training.data import load_dataset
 
     load_dataset(cfg)
-    from deconflow.training.run import run_cell
+    from deconflow.training.run import run_cell, set_torch_threads
 
+    set_torch_threads()
     summary = run_cell(cell, cfg, out)
     print(json.dumps(summary, indent=2, default=str))
     return 0

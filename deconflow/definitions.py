@@ -9,6 +9,7 @@ from deconflow.assets.database import build_database_assets
 from deconflow.assets.tables import build_table_assets
 from deconflow.assets.training import build_training_run
 from deconflow.resources import compute_from_env, sweep_from_env
+from deconflow.sensors import AlertWebhook, build_watchdog_sensor
 from deconflow.sweep import Grid, load_grid
 
 
@@ -32,7 +33,11 @@ def build_definitions(grid: Grid | None = None, resources: dict | None = None) -
                 description="Recompute the tables and publish DuckDB.",
             ),
         ],
-        resources=resources or {"compute": compute_from_env(), "sweep": sweep_from_env()},
+        sensors=[build_watchdog_sensor(grid)],
+        resources={
+            "alerts": AlertWebhook(),
+            **(resources or {"compute": compute_from_env(), "sweep": sweep_from_env()}),
+        },
     )
 
 

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from deconflow.analysis.fits import fit_run
+from deconflow.atomic import atomic_write_bytes, atomic_write_json
 from deconflow.sweep import Cell, Grid, GridError, parse_key
-from deconflow.training.checkpoints import atomic_write_bytes, atomic_write_json
 from deconflow.training.metrics_io import FAMILIES, write_parquet
 
 RUN_FILES = [f"{f}.parquet" for f in FAMILIES] + ["summary.json", "train.log"]

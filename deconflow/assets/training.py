@@ -39,7 +39,8 @@ def build_training_run(grid: Grid) -> dg.AssetsDefinition:
         if GRAD_ACCUM_TAG in tags:
             overrides["grad_accum"] = int(tags[GRAD_ACCUM_TAG])
         work = work_dir() / cell.key
-        if tags.get(RESUME_TAG) != "true" and work.exists():
+        fresh = tags.get(RESUME_TAG) != "true"
+        if fresh and work.exists() and not compute.has_live_attempt(cell, work):
             context.log.info(f"fresh attempt: clearing {work}")
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)

@@ -75,6 +75,10 @@ class ComputeResource(dg.ConfigurableResource):
             json.dumps(overrides, sort_keys=True),
         ]
 
+    def has_live_attempt(self, cell: Cell, work: Path) -> bool:
+        """Whether a job of this cell still runs (its work folder must then be kept)."""
+        return False
+
     @abstractmethod
     def launch(self, context, cell: Cell, cmd: list[str], env: dict[str, str], work: Path) -> Any:
         """Start the process; returns a handle for ``wait`` and ``cancel``."""

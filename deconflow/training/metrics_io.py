@@ -13,7 +13,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from deconflow.training.checkpoints import atomic_write_bytes
+from deconflow.atomic import atomic_write_bytes
 
 FAMILIES: dict[str, list[str]] = {
     "batch_metrics": ["step", "epoch", "loss_nats", "loss_bits", "accuracy", "lr", "weight_decay"],

@@ -45,6 +45,16 @@ def _clean(v):
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
+def set_torch_threads() -> None:
+    """Honour DECONFLOW_TORCH_THREADS (local runs use 1: small models on few cores run
+    faster single-threaded, and concurrent runs do not fight over cores)."""
+    threads = os.environ.get("DECONFLOW_TORCH_THREADS")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def run_cell(cell: Cell, cfg, out: Path, pipes=None) -> dict:
     log = pipes.log.info if pipes is not None else (lambda m: print(m, flush=True))
 
@@ -80,11 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if k in overrides:
             overrides[k] = tuple(overrides[k])
     cfg = get_profile(args.profile, **overrides)
-    threads = os.environ.get("DECONFLOW_TORCH_THREADS")
-    if threads:
-        import torch
-
-        torch.set_num_threads(int(threads))
+    set_torch_threads()
     # SLURM sends SIGTERM (or --signal's USR1) before killing a job: exit through the
     # normal path so the last checkpoint stays intact and the exit is reported.
     for sig in (signal.SIGTERM, signal.SIGUSR1):

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from deconflow.analysis.fits import fit_run
+from deconflow.atomic import atomic_write_json
 from deconflow.sweep import Cell
 from deconflow.training import monitors
 from deconflow.training.augment import normalize, random_resized_crop_flip, to_float
-from deconflow.training.checkpoints import Checkpoints, atomic_write_json
+from deconflow.training.checkpoints import Checkpoints
 from deconflow.training.config import TrainConfig, variant_spec
 from deconflow.training.data import load_dataset
 from deconflow.training.metrics_io import MetricLog

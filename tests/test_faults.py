@@ -1,0 +1,273 @@
+"""Fault injection on the real local SLURM cluster, recovered by the watchdog's tick.
+
+The loop of every test: materialize a partition through SlurmResource (main thread) while a
+second thread injects a fault into its job (scancel, SIGSTOP, SIGKILL, slurmd restart) or the
+training config injects one (OOM, NaN, a hang past a short time limit); then evaluate the
+watchdog tick and execute each RunRequest with ``dg.materialize`` and the request's tags, until
+the partition ends completed (or diverged). Each test prints fault->detection and
+fault->recovery times (ticks are evaluated back to back here; under ``dagster dev`` add up to
+one 30 s sensor interval to detection).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from deconflow.assets.training import build_training_run
+from deconflow.partitions import partition_key
+from deconflow.resources.slurm import SlurmResource
+from deconflow.resources.sweep_settings import SweepSettings
+from deconflow.sensors import WatchdogSettings, evaluate_tick
+from deconflow.sensors.policy import ATTEMPT_TAG, CELL_TAG, RETRY_CLASS_TAG
+from deconflow.slurm import cluster
+from deconflow.sweep import load_grid
+from tests.test_slurm_resource import (  # noqa: F401  (slurm_cluster is a fixture)
+    CELL,
+    _prefix,
+    cluster_test,
+    heartbeat_step,
+    slurm_cluster,
+    slurm_config,
+)
+
+GRID = load_grid()
+FAST = {"epochs": 2, "heartbeat_every_s": 0.5}
+SETTINGS = WatchdogSettings(stuck_after_s=8)
+TIMES: dict[str, dict[str, float]] = {}
+
+
+class Harness:
+    """One partition, one persistent instance, one SLURM config; runs the fault/recover loop."""
+
+    def __init__(self, tmp: Path, info: cluster.ClusterInfo, overrides: dict, **slurm) -> None:
+        self.data = tmp / "data"
+        os.environ["DECONFLOW_DATA"] = str(self.data)
+        (tmp / "home").mkdir()
+        self._ctx = dg.instance_for_test(temp_dir=str(tmp / "home"))
+        self.instance = self._ctx.__enter__()
+        self.compute = SlurmResource(**slurm_config(info, _prefix(), **slurm))
+        self.sweep = SweepSettings(profile="demo", overrides_json=json.dumps(overrides))
+        self.asset = build_training_run(GRID)
+        self.work = self.data / "work" / CELL.key
+        self.cursor: str | None = None
+        self.t_fault: float | None = None
+        self.t_detect: float | None = None
+
+    def close(self) -> None:
+        self._ctx.__exit__(None, None, None)
+
+    def materialize(self, tags: dict | None = None, env: dict | None = None) -> bool:
+        saved = {k: os.environ.get(k) for k in env or {}}
+        os.environ.update(env or {})
+        try:
+            res = dg.materialize(
+                [self.asset],
+                partition_key=partition_key(CELL),
+                resources={"compute": self.compute, "sweep": self.sweep},
+                instance=self.instance,
+                tags=tags,
+                raise_on_error=False,
+            )
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        return res.success
+
+    def tick(self):
+        rep = evaluate_tick(self.instance, GRID.name, self.cursor, SETTINGS, self.compute)
+        self.cursor = rep.cursor
+        if (rep.requests or rep.cancelled or rep.alerts) and self.t_detect is None:
+            self.t_detect = time.monotonic()
+        return rep
+
+    def recover(self, max_rounds: int = 4) -> list:
+        """Tick and execute requests until a tick requests nothing; returns the requests run."""
+        done = []
+        for _ in range(max_rounds):
+            rep = self.tick()
+            if not rep.requests:
+                return done
+            for req in rep.requests:
+                assert req.partition_key == str(partition_key(CELL))
+                self.materialize(tags=dict(req.tags))
+                done.append(req)
+        return done
+
+    def inject_when(self, at_step: int, fault) -> threading.Thread:
+        """Run ``fault()`` in a thread once training has passed ``at_step``."""
+
+        def go() -> None:
+            deadline = time.monotonic() + 120
+            while heartbeat_step(self.work) < at_step and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self.t_fault = time.monotonic()
+            fault()
+
+        t = threading.Thread(target=go, daemon=True)
+        t.start()
+        return t
+
+    def training_pid(self) -> int:
+        return int(json.loads((self.work / "heartbeat.json").read_text())["pid"])
+
+    def job_id(self) -> str:
+        return (self.work / "slurm" / "job_id").read_text().strip()
+
+    def runs(self) -> list[dg.DagsterRun]:
+        return self.instance.get_runs(dg.RunsFilter(tags={CELL_TAG: CELL.key}))  # newest first
+
+    def check_result(self, name: str, outcome: str, runs: int) -> dict:
+        """Published, metrics complete and unique, attempts right; records the times."""
+        t_end = time.monotonic()
+        summary = json.loads((self.data / "runs" / CELL.key / "summary.json").read_text())
+        assert summary["outcome"] == outcome, summary
+        batches = pd.read_parquet(self.data / "runs" / CELL.key / "batch_metrics.parquet")
+        assert batches["step"].is_unique
+        if outcome == "completed":
+            assert len(batches) == summary["steps"] == summary["total_steps"]
+        all_runs = self.runs()
+        assert len(all_runs) == runs, [(r.run_id, r.status) for r in all_runs]
+        assert all_runs[0].status == dg.DagsterRunStatus.SUCCESS
+        if runs > 1:
+            assert all_runs[0].tags[ATTEMPT_TAG] == str(runs)
+        t0 = self.t_fault or t_end
+        TIMES[name] = {
+            "detect_s": round((self.t_detect or t_end) - t0, 1),
+            "recover_s": round(t_end - t0, 1),
+        }
+        print(f"\n[fault] {name}: {TIMES[name]}")
+        return summary
+
+
+@pytest.fixture
+def harness(request, slurm_cluster, tmp_path):  # noqa: F811
+    made: list[Harness] = []
+
+    def make(overrides: dict | None = None, **slurm) -> Harness:
+        h = Harness(tmp_path, slurm_cluster, {**FAST, **(overrides or {})}, **slurm)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
+
+
+@cluster_test
+def test_scancel_mid_run_resumes(harness) -> None:
+    h = harness()
+    t = h.inject_when(5, lambda: subprocess.run(["scancel", h.job_id()], check=True))
+    assert not h.materialize()
+    t.join(10)
+    assert h.runs()[0].tags["deconflow/failure_class"] == "cancelled"
+    reqs = h.recover()
+    assert [r.tags[RETRY_CLASS_TAG] for r in reqs] == ["cancelled"]
+    assert reqs[0].tags["deconflow/resume"] == "true"
+    summary = h.check_result("scancel", "completed", runs=2)
+    assert summary["attempts"] == 2  # resumed from the checkpoint, not restarted
+
+
+@cluster_test
+def test_sigstop_is_detected_as_stuck_cancelled_and_resumed(harness) -> None:
+    h = harness()
+    cancelled: list = []
+
+    def freeze_then_watch() -> None:
+        os.kill(h.training_pid(), signal.SIGSTOP)
+        deadline = time.monotonic() + 60
+        while not cancelled and time.monotonic() < deadline:
+            cancelled.extend(h.tick().cancelled)
+            time.sleep(1)
+
+    t = h.inject_when(5, freeze_then_watch)
+    assert not h.materialize()
+    t.join(70)
+    assert cancelled and cancelled[0]["action"].startswith("scancel")
+    reqs = h.recover()
+    assert [r.tags[RETRY_CLASS_TAG] for r in reqs] == ["stuck"]
+    h.check_result("sigstop (stuck)", "completed", runs=2)
+
+
+@cluster_test
+def test_sigkill_of_the_training_process_is_retried(harness) -> None:
+    h = harness()
+    t = h.inject_when(5, lambda: os.kill(h.training_pid(), signal.SIGKILL))
+    assert not h.materialize()
+    t.join(10)
+    reqs = h.recover()
+    assert len(reqs) == 1 and reqs[0].tags["deconflow/resume"] == "true"
+    h.check_result(f"sigkill ({reqs[0].tags[RETRY_CLASS_TAG]})", "completed", runs=2)
+
+
+@cluster_test
+def test_injected_oom_retries_with_doubled_accumulation(harness) -> None:
+    h = harness({"fault": "oom@5"})
+    h.t_fault = time.monotonic()
+    assert not h.materialize()
+    reqs = h.recover()
+    assert [r.tags["deconflow/grad_accum"] for r in reqs] == ["2"]
+    h.check_result("oom", "completed", runs=2)
+
+
+@cluster_test
+def test_injected_nan_is_a_result_not_retried(harness) -> None:
+    h = harness({"fault": "nan@5"})
+    h.t_fault = time.monotonic()
+    assert h.materialize()
+    assert h.recover() == []
+    h.check_result("nan (diverged)", "diverged", runs=1)
+
+
+@cluster_test
+def test_slurmd_restart_with_a_job_on_it(harness, slurm_cluster) -> None:  # noqa: F811
+    """slurmd stopped and restarted under a running job: the job and the run carry on."""
+    h = harness()
+    lay = cluster._layout(slurm_cluster.state_dir)
+
+    def restart() -> None:
+        pid = cluster._daemon_pid(lay, "slurmd")
+        assert pid, "slurmd is not running"
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while cluster._daemon_pid(lay, "slurmd") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)
+        cluster._start_slurmd(lay)
+
+    t = h.inject_when(5, restart)
+    ok = h.materialize()
+    t.join(30)
+    cluster.up(slurm_cluster.state_dir)  # waits until the node is back and idle
+    if not ok:  # the job did not survive: the watchdog must bring the partition back
+        assert len(h.recover()) == 1
+    h.check_result("slurmd restart", "completed", runs=1 if ok else 2)
+
+
+@cluster_test
+def test_too_short_time_limit_resumes(harness) -> None:
+    """A one-minute limit the first attempt overruns (it hangs); the resume finishes in time."""
+    h = harness(time_limit="00:01:00", signal_before_s=0)
+    h.t_fault = time.monotonic()
+    assert not h.materialize(env={"DECONFLOW_FAULT": "hang@13"})  # first attempt only
+    assert h.runs()[0].tags["deconflow/failure_class"] == "timeout"
+    reqs = h.recover()
+    assert [r.tags[RETRY_CLASS_TAG] for r in reqs] == ["timeout"]
+    h.check_result("time limit", "completed", runs=2)
+
+
+def test_print_fault_times() -> None:
+    """Last in the file: one table of the times measured above (for BENCHMARKS.md)."""
+    if TIMES:
+        print("\n| fault | fault->detection (s) | fault->recovery (s) |\n|---|---|---|")
+        for name, t in TIMES.items():
+            print(f"| {name} | {t['detect_s']} | {t['recover_s']} |")

@@ -203,3 +203,17 @@ def test_cli_grid_lists_216_cells(tmp_path):
     assert r.returncode == 0
     keys = r.stdout.split()
     assert len(keys) == 216 == len(set(keys)) and "adamw__lr0.2_wd0.01_s5" in keys
+
+
+def test_fast_path_settings_train_to_the_same_place(tmp_path):
+    """channels_last + bf16 autocast (the GPU fast path) on CPU: same code, similar loss."""
+    cfg = get_profile("demo", epochs=6, hessian_every=0, noise_every_epochs=0)
+    plain = train(CELL, cfg, tmp_path / "plain", log=lambda m: None)
+    fast = train(
+        CELL, cfg.replace(channels_last=True, bf16=True), tmp_path / "fast", log=lambda m: None
+    )
+    assert fast["outcome"] == "completed" and fast["steps"] == plain["steps"]
+    b = _frames(tmp_path / "fast")["batch_metrics"]
+    assert b["loss_nats"].notna().all()
+    assert fast["final_val_accuracy"] > 0.5
+    assert abs(fast["best_val_ce"] - plain["best_val_ce"]) < 0.5

@@ -41,7 +41,9 @@ class TrainConfig:
     keep_best: int = 3
     checkpoint_every: int = 1  # validation points between saves of latest.pt
     device: str = "auto"  # auto | cpu | cuda
-    # GPU fast path (no effect on CPU).
+    # GPU fast path: channels_last memory format, bf16 autocast (BatchNorm statistics and
+    # the loss stay fp32), torch.compile (CUDA only). Off by default; the first two also
+    # run on CPU so the fast path's code is tested without a GPU.
     channels_last: bool = False
     bf16: bool = False
     compile: bool = False

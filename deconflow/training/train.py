@@ -124,7 +124,7 @@ def train(
     model = build_model(
         data.num_classes, data.x_train.shape[1], cfg.width_mult * spec.width_factor, spec.norm
     ).to(device)
-    if cfg.channels_last and device.type == "cuda":
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "adamw":
@@ -134,9 +134,7 @@ def train(
     else:
         opt = torch.optim.SGD(params, lr=cell.lr, momentum=0.9, weight_decay=cell.weight_decay)
     fwd = torch.compile(model) if cfg.compile and device.type == "cuda" else model
-    amp = torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda"
-    )
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
     mean, std = data.mean.to(device), data.std.to(device)
     x_test = normalize(to_float(data.x_test), mean, std)
@@ -237,7 +235,7 @@ def train(
             cfg.crop_ratio,
         )
         x, y = normalize(x, mean, std), data.y_train[idx]
-        if cfg.channels_last and device.type == "cuda":
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         lr = lr_at(step + 1, cell.lr, warmup_steps, total_steps)
         for g in opt.param_groups:

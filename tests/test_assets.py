@@ -141,6 +141,22 @@ def test_duckdb_tables_hold_the_runs(sweep):
     assert dict(comp) == {"materialized": 2, "diverged": 1, "failed": 1, "missing": 212}
 
 
+def test_pictures_are_on_the_analysis_assets(sweep):
+    _, _, results = sweep
+    mats = {
+        m.asset_key.to_user_string(): m
+        for m in results["downstream"].get_asset_materialization_events()
+        for m in [m.event_specific_data.materialization]
+    }
+    for asset_name, key in [
+        ("run_fits", "loss_curves"),
+        ("run_fits", "r_squared_histogram"),
+        ("hypotheses", "alpha_vs_best_val"),
+    ]:
+        assert "data:image/png;base64," in mats[asset_name].metadata[key].value
+    assert mats["run_fits"].metadata["coverage"].value == "3 of 216 cells"
+
+
 def test_checks_report_completeness_and_quality(sweep):
     _, _, results = sweep
     evals = {e.check_name: e for e in results["downstream"].get_asset_check_evaluations()}

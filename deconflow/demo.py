@@ -162,6 +162,9 @@ def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
             + (f" ({verdict.value})" if verdict else "")
             + (f" - {ev.description}" if ev.description else "")
         )
+        for key, value in ev.metadata.items():
+            if isinstance(value.value, str) and value.value.startswith("FAIL"):
+                print(f"  gate {key}: {value.value}")
 
     print("\n== hypotheses ==")
     hyp = run_sql(

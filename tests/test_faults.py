@@ -265,6 +265,112 @@ def test_too_short_time_limit_resumes(harness) -> None:
     h.check_result("time limit", "completed", runs=2)
 
 
+def test_daemon_restarted_in_the_middle_of_a_backfill(tmp_path) -> None:
+    """A real ``dagster-daemon`` is SIGKILLed mid-backfill and restarted: every partition ends
+    materialized with exactly one successful run (local processes, 3 partitions)."""
+    from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+    from dagster._core.storage.tags import BACKFILL_ID_TAG
+
+    from deconflow.definitions import build_definitions
+    from deconflow.instance import ensure_dagster_home
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "DECONFLOW_DATA": str(tmp_path / "data"),
+        "DECONFLOW_COMPUTE": "local",
+        "DECONFLOW_TRAIN_OVERRIDES": json.dumps({"epochs": 2}),
+        "DECONFLOW_WATCHDOG_STUCK_AFTER_S": "600",
+    }
+    saved = {k: os.environ.get(k) for k in ("DAGSTER_HOME", "DECONFLOW_DATA")}
+    os.environ.update({k: env[k] for k in saved})
+    daemons: list[subprocess.Popen] = []
+
+    def start_daemon() -> subprocess.Popen:
+        log = open(tmp_path / f"daemon-{len(daemons)}.log", "wb")
+        proc = subprocess.Popen(
+            ["dagster-daemon", "run", "-w", str(repo / "workspace.yaml")],
+            cwd=repo,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        daemons.append(proc)
+        return proc
+
+    try:
+        ensure_dagster_home()
+        instance = dg.DagsterInstance.get()
+        cells = GRID.cells[:3]
+        keys = [str(partition_key(c)) for c in cells]
+        graph = build_definitions().get_repository_def().asset_graph
+        backfill = PartitionBackfill.from_asset_partitions(
+            backfill_id="restartbf",
+            asset_graph=graph,
+            partition_names=keys,
+            asset_selection=[dg.AssetKey("training_run")],
+            backfill_timestamp=time.time(),
+            tags={},
+            dynamic_partitions_store=instance,
+            all_partitions=False,
+            title=None,
+            description=None,
+            run_config=None,
+        )
+        instance.add_backfill(backfill)
+        first = start_daemon()
+        bf_runs = dg.RunsFilter(tags={BACKFILL_ID_TAG: "restartbf"})
+        deadline = time.monotonic() + 120
+        while not instance.get_runs(bf_runs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert instance.get_runs(bf_runs), (tmp_path / "daemon-0.log").read_text()[-3000:]
+        t_kill = time.monotonic()
+        os.killpg(first.pid, signal.SIGKILL)
+        at_kill = instance.get_runs(bf_runs)
+        # Mid-way: when the daemon died, the backfill still had work in flight.
+        assert instance.get_backfill("restartbf").status == BulkActionStatus.REQUESTED
+        assert any(r.status != dg.DagsterRunStatus.SUCCESS for r in at_kill) or len(at_kill) < 3
+        first.wait(10)
+        time.sleep(2)
+        start_daemon()
+        deadline = time.monotonic() + 300
+        status = None
+        while time.monotonic() < deadline:
+            status = instance.get_backfill("restartbf").status
+            if status != BulkActionStatus.REQUESTED:
+                break
+            time.sleep(1)
+        done = time.monotonic()
+        log = (tmp_path / f"daemon-{len(daemons) - 1}.log").read_text()[-3000:]
+        assert status == BulkActionStatus.COMPLETED_SUCCESS, (status, log)
+        runs = instance.get_runs(bf_runs)
+        by_key: dict[str, list] = {}
+        for r in runs:
+            by_key.setdefault(r.tags.get("dagster/partition"), []).append(r)
+        assert sorted(by_key) == sorted(keys), by_key.keys()
+        for key, rs in by_key.items():
+            ok = [r for r in rs if r.status == dg.DagsterRunStatus.SUCCESS]
+            assert len(ok) == 1 == len(rs), (key, [(r.run_id, r.status) for r in rs])
+        mats = instance.get_materialized_partitions(dg.AssetKey("training_run"))
+        assert set(keys) <= {str(k) for k in mats}
+        TIMES["daemon restart mid-backfill"] = {
+            "detect_s": 0.0,
+            "recover_s": round(done - t_kill, 1),
+        }
+    finally:
+        for p in daemons:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(p.pid, signal.SIGKILL)
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
 def test_print_fault_times() -> None:
     """Last in the file: one table of the times measured above (for BENCHMARKS.md)."""
     if TIMES:

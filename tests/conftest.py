@@ -10,6 +10,10 @@ import dagster as dg
 import pytest
 import torch
 
+# One local SLURM cluster for the whole session, wherever tests point DECONFLOW_DATA.
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DECONFLOW_SLURM_DIR", str(REPO / "data" / "slurm"))
+
 # One torch thread: tests share 2 cores with training subprocesses, and oversubscribed
 # OpenMP threads make small models many times slower.
 os.environ.setdefault("DECONFLOW_TORCH_THREADS", "1")

@@ -51,6 +51,7 @@ class Harness:
 
     def __init__(self, tmp: Path, info: cluster.ClusterInfo, overrides: dict, **slurm) -> None:
         self.data = tmp / "data"
+        self._saved_data = os.environ.get("DECONFLOW_DATA")
         os.environ["DECONFLOW_DATA"] = str(self.data)
         (tmp / "home").mkdir()
         self._ctx = dg.instance_for_test(temp_dir=str(tmp / "home"))
@@ -65,6 +66,10 @@ class Harness:
 
     def close(self) -> None:
         self._ctx.__exit__(None, None, None)
+        if self._saved_data is None:
+            os.environ.pop("DECONFLOW_DATA", None)
+        else:
+            os.environ["DECONFLOW_DATA"] = self._saved_data
 
     def materialize(self, tags: dict | None = None, env: dict | None = None) -> bool:
         saved = {k: os.environ.get(k) for k in env or {}}

@@ -30,8 +30,11 @@ def loss_curves(runs: dict[str, Path], fits: pd.DataFrame, max_runs: int = 8) ->
         )
         (line,) = ax.loglog(b["step"], b["loss_nats"], lw=0.7, alpha=0.8, label=row.run_id)
         if np.isfinite(row.exponent):
-            after = b["epoch"] >= row.knee_epoch if np.isfinite(row.knee_epoch) else True
-            t = b.loc[after, "step"].to_numpy(float)  # the fit covers the post-burn-in part
+            t = b["step"].to_numpy(float)
+            if np.isfinite(row.knee_epoch):
+                t = t[
+                    b["epoch"].to_numpy() >= row.knee_epoch
+                ]  # the fit covers the post-burn-in part
             ax.loglog(t, np.exp(row.intercept) * t**row.exponent, "--", color=line.get_color())
     ax.set(xlabel="step", ylabel="train loss (nats)", title="loss curves and power-law fits")
     ax.legend(fontsize=5)

@@ -606,23 +606,18 @@ class SlurmResource(ComputeResource):
         work = Path(work).resolve()
         log = _check_path("work folder", work / LOG_NAME)
         cwd = _check_path("working directory", Path.cwd())
-        opts = [f"--job-name={self.job_name(cell)}"]
-        if self.partition:
-            opts.append(f"--partition={self.partition}")
-        if self.account:
-            opts.append(f"--account={self.account}")
-        if self.qos:
-            opts.append(f"--qos={self.qos}")
-        opts += ["--nodes=1", "--ntasks=1"]
-        gres = self.gres()
-        if gres:
-            opts.append(f"--gres={gres}")
-        if self.cpus_per_task:
-            opts.append(f"--cpus-per-task={self.cpus_per_task}")
-        if self.mem:
-            opts.append(f"--mem={self.mem}")
-        if self.time_limit:
-            opts.append(f"--time={self.time_limit}")
+        opts = [f"--job-name={self.job_name(cell)}", "--nodes=1", "--ntasks=1"]
+        for flag, value in (
+            ("partition", self.partition),
+            ("account", self.account),
+            ("qos", self.qos),
+            ("gres", self.gres()),
+            ("cpus-per-task", self.cpus_per_task),
+            ("mem", self.mem),
+            ("time", self.time_limit),
+        ):
+            if value:
+                opts.append(f"--{flag}={value}")
         if self.signal_before_s:
             # B: signals the batch shell, which `exec` turned into the training process.
             opts.append(f"--signal=B:USR1@{self.signal_before_s}")

@@ -10,7 +10,7 @@ import pandas as pd
 
 from deconflow import warehouse
 from deconflow.settings import db_path, runs_dir
-from deconflow.sweep import Grid
+from deconflow.sweep import Cell, Grid
 
 SYMBOLS = {"materialized": "#", "diverged": "D", "running": "~", "failed": "F", "missing": "."}
 
@@ -33,8 +33,6 @@ def format_grid(grid: Grid, runs: pd.DataFrame) -> str:
     ]
     head = f"{'lr / wd':<16}" + "".join(f"{v:<{max(8, len(grid.seeds) + 2)}}" for v in variants)
     lines.append(head)
-    from deconflow.sweep import Cell
-
     for lr in sorted(grid.lrs):
         for wd in sorted(grid.weight_decays):
             row = f"{f'lr{lr:g} wd{wd:g}':<16}"

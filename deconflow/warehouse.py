@@ -21,7 +21,7 @@ import pandas as pd
 
 from deconflow.analysis.fits import fit_run
 from deconflow.atomic import atomic_write_bytes, atomic_write_json
-from deconflow.sweep import Cell, Grid, GridError, parse_key
+from deconflow.sweep import Grid, GridError, parse_key
 from deconflow.training.metrics_io import FAMILIES, write_parquet
 
 RUN_FILES = [f"{f}.parquet" for f in FAMILIES] + ["summary.json", "train.log"]
@@ -204,8 +204,9 @@ def build_database(db_path: Path, runs: dict[str, Path], tables: dict[str, pd.Da
                     [files],
                 )
             else:
-                empty = _empty_family(family)  # noqa: F841 - read by DuckDB's replacement scan
-                con.execute(f"CREATE TABLE {family} AS SELECT * FROM empty")
+                con.register("_empty", _empty_family(family))
+                con.execute(f"CREATE TABLE {family} AS SELECT * FROM _empty")
+                con.unregister("_empty")
         for name, df in tables.items():
             con.register("_df", df)
             con.execute(f"CREATE TABLE {name} AS SELECT * FROM _df")
@@ -347,7 +348,3 @@ def export_dataset(fits: pd.DataFrame, runs: dict[str, Path], out: Path) -> dict
     }
     atomic_write_json(out / "metadata.json", meta)
     return meta
-
-
-def cells_of(grid: Grid) -> dict[str, Cell]:
-    return {c.key: c for c in grid.cells}

@@ -15,7 +15,7 @@ from deconflow.atomic import atomic_write_bytes, atomic_write_json
 
 
 class Checkpoints:
-    """``latest.pt`` plus ``best-<step>.pt`` files; ``index.json`` lists the best ones."""
+    """``latest.pt`` plus ``best-<step>.pt`` files; ``best.json`` lists the best ones."""
 
     def __init__(self, folder: Path, keep_best: int = 3) -> None:
         self.folder = Path(folder)

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from deconflow.parquet_io import write_parquet
 from deconflow.sweep import load_grid
-from deconflow.training.metrics_io import write_parquet
 
 
 def synth_run(out: Path, key: str, steps: int, rng: np.random.Generator) -> None:

@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         child(json.loads(a.child))
         return 0
 
-    from deconflow.slurm import cluster
+    from deconflow_dev import slurm_cluster as cluster
 
     info = cluster.up(cluster.default_state_dir())
     env = {**os.environ, "SLURM_CONF": str(info.slurm_conf)}

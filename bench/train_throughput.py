@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from deconflow.profiles import get_profile
 from deconflow.training import monitors
 from deconflow.training.augment import normalize, random_resized_crop_flip, to_float
-from deconflow.training.config import get_profile
 from deconflow.training.data import synthetic_dataset
 from deconflow.training.model import build_model
 

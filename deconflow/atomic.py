@@ -29,3 +29,14 @@ def atomic_write_bytes(path: Path, write) -> None:
 def atomic_write_json(path: Path, obj: Any) -> None:
     data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
     atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: Path, text: str, mode: int | None = None) -> None:
+    """Write text atomically (with fsync); ``mode`` sets the file's permissions first."""
+
+    def write(f) -> None:
+        if mode is not None:
+            os.fchmod(f.fileno(), mode)
+        f.write(text.encode())
+
+    atomic_write_bytes(path, write)

@@ -22,7 +22,7 @@ def _cell_from_args(args: argparse.Namespace) -> Cell:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from deconflow.training.config import get_profile
+    from deconflow.profiles import get_profile
 
     cell = _cell_from_args(args)
     overrides = {}
@@ -63,8 +63,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    from deconflow.demo import analyse, materialize_cells
     from deconflow.instance import ensure_dagster_home
+    from deconflow.materialize import analyse, materialize_cells
 
     grid = load_grid()
     cells = grid.cells
@@ -132,7 +132,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
-    from deconflow.slurm.cluster import main as cluster_main
+    from deconflow_dev.slurm_cluster import main as cluster_main
 
     return cluster_main([args.action, *args.rest])
 

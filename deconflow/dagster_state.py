@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import dagster as dg
 
-SWEEP_TAG = "deconflow/sweep"
-CELL_TAG = "deconflow/cell"
-
-_RUNNING = {
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-}
-_FAILED = {dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED}
+from deconflow.failures import CANCELLED as CANCELLED_CLASS
+from deconflow.failures import UNKNOWN
+from deconflow.protocol import (
+    CANCELLED,
+    CELL_TAG,
+    FAILED,
+    FAILURE_CLASS_TAG,
+    FAILURE_REASON_TAG,
+    SLURM_JOB_TAG,
+    SWEEP_TAG,
+    cell_state,
+    run_state,
+)
 
 
 def partition_states(instance: dg.DagsterInstance, sweep: str) -> dict[str, dict]:
@@ -33,24 +35,18 @@ def partition_states(instance: dg.DagsterInstance, sweep: str) -> dict[str, dict
         if key in states:
             states[key]["attempts"] += 1
             continue
-        status = (
-            "running"
-            if run.status in _RUNNING
-            else "failed"
-            if run.status in _FAILED
-            else "succeeded"
-        )
+        status = cell_state(run.status)
         states[key] = {
             "status": status,
             "run_id": run.run_id,
             "attempts": 1,
-            "failure_class": run.tags.get("deconflow/failure_class")
-            or ("cancelled" if run.status == dg.DagsterRunStatus.CANCELED else None),
-            "reason": run.tags.get("deconflow/failure_reason"),
-            "slurm_job_id": run.tags.get("deconflow/slurm_job_id"),
+            "failure_class": run.tags.get(FAILURE_CLASS_TAG)
+            or (CANCELLED_CLASS if run_state(run.status) == CANCELLED else None),
+            "reason": run.tags.get(FAILURE_REASON_TAG),
+            "slurm_job_id": run.tags.get(SLURM_JOB_TAG),
             "updated": rec.update_timestamp.timestamp() if rec.update_timestamp else None,
         }
     for st in states.values():
-        if st["status"] == "failed" and not st["failure_class"]:
-            st["failure_class"] = "unknown"
+        if st["status"] == FAILED and not st["failure_class"]:
+            st["failure_class"] = UNKNOWN
     return states

@@ -9,27 +9,25 @@ from __future__ import annotations
 
 import dagster as dg
 
-from deconflow.sweep import Cell, Grid, parse_key
+from deconflow.protocol import HP_DIM, VARIANT_DIM, cell_of_dims, cell_of_partition
+from deconflow.sweep import Cell, Grid
 
 
 def partitions_def(grid: Grid) -> dg.MultiPartitionsDefinition:
     return dg.MultiPartitionsDefinition(
         {
-            "variant": dg.StaticPartitionsDefinition(sorted(grid.variants)),
-            "hp": dg.StaticPartitionsDefinition(grid.hps),
+            VARIANT_DIM: dg.StaticPartitionsDefinition(sorted(grid.variants)),
+            HP_DIM: dg.StaticPartitionsDefinition(grid.hps),
         }
     )
 
 
 def partition_key(cell: Cell) -> dg.MultiPartitionKey:
-    return dg.MultiPartitionKey({"variant": cell.variant, "hp": cell.hp})
+    return dg.MultiPartitionKey({VARIANT_DIM: cell.variant, HP_DIM: cell.hp})
 
 
 def cell_for(key: str | dg.MultiPartitionKey) -> Cell:
     """The cell of a partition key (``MultiPartitionKey`` or its ``hp|variant`` string)."""
     if isinstance(key, dg.MultiPartitionKey):
-        dims = key.keys_by_dimension
-    else:
-        hp, _, variant = str(key).partition("|")
-        dims = {"hp": hp, "variant": variant}
-    return parse_key(f"{dims['variant']}__{dims['hp']}")
+        return cell_of_dims(key.keys_by_dimension)
+    return cell_of_partition(str(key))

@@ -9,10 +9,11 @@ import duckdb
 import pandas as pd
 
 from deconflow import warehouse
+from deconflow.protocol import DIVERGED, FAILED, MATERIALIZED, MISSING, RUNNING
 from deconflow.settings import db_path, runs_dir
 from deconflow.sweep import Cell, Grid
 
-SYMBOLS = {"materialized": "#", "diverged": "D", "running": "~", "failed": "F", "missing": "."}
+SYMBOLS = {MATERIALIZED: "#", DIVERGED: "D", RUNNING: "~", FAILED: "F", MISSING: "."}
 
 
 def live_runs_table(grid: Grid, instance) -> pd.DataFrame:
@@ -38,8 +39,7 @@ def format_grid(grid: Grid, runs: pd.DataFrame) -> str:
             row = f"{f'lr{lr:g} wd{wd:g}':<16}"
             for v in variants:
                 marks = "".join(
-                    SYMBOLS[status.get(Cell(v, lr, wd, s).key, "missing")]
-                    for s in sorted(grid.seeds)
+                    SYMBOLS[status.get(Cell(v, lr, wd, s).key, MISSING)] for s in sorted(grid.seeds)
                 )
                 row += f"{marks:<{max(8, len(grid.seeds) + 2)}}"
             lines.append(row)
@@ -47,7 +47,7 @@ def format_grid(grid: Grid, runs: pd.DataFrame) -> str:
     lines.append(
         "totals: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in SYMBOLS) + f" (of {len(runs)})"
     )
-    failed = runs[runs["status"] == "failed"]
+    failed = runs[runs["status"] == FAILED]
     for r in failed.itertuples():
         lines.append(f"  failed {r.run_id}: {r.failure_class}: {r.failure_reason}")
     return "\n".join(lines)

@@ -15,21 +15,16 @@ from deconflow.analysis import (
     best_val,
     burn_in,
     correlations,
-    ewma,
     fit_power_law,
     fit_run,
-    gradient_variance,
     h1_power_law_prevalence,
     h2_table,
-    hutchinson_trace,
     hypotheses_table,
     linear_slope,
-    model_hvp,
     per_epoch_mean,
-    power_iteration,
-    psd_tail_ratio,
-    residual_power,
 )
+from deconflow.training.curvature import hutchinson_trace, model_hvp, power_iteration
+from deconflow.training.spectra import ewma, gradient_variance, psd_tail_ratio, residual_power
 
 # --- fits -------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from deconflow.profiles import TrainConfig
 from deconflow.training.augment import normalize, random_resized_crop_flip, to_float
-from deconflow.training.config import TrainConfig
 from deconflow.training.data import (
     DataError,
     load_cifar10,

@@ -25,12 +25,12 @@ import pytest
 
 from deconflow.assets.training import build_training_run
 from deconflow.partitions import partition_key
+from deconflow.protocol import ATTEMPT_TAG, CELL_TAG, RETRY_CLASS_TAG
 from deconflow.resources.slurm import SlurmResource
 from deconflow.resources.sweep_settings import SweepSettings
 from deconflow.sensors import WatchdogSettings, evaluate_tick
-from deconflow.sensors.policy import ATTEMPT_TAG, CELL_TAG, RETRY_CLASS_TAG
-from deconflow.slurm import cluster
 from deconflow.sweep import load_grid
+from deconflow_dev import slurm_cluster as cluster
 from tests.test_slurm_resource import (  # noqa: F401  (slurm_cluster is a fixture)
     CELL,
     _prefix,

@@ -12,16 +12,7 @@ import pytest
 from dagster._core.test_utils import create_run_for_test
 
 from deconflow.partitions import partition_key
-from deconflow.sensors import (
-    AlertWebhook,
-    Cursor,
-    RunInfo,
-    WatchdogSettings,
-    build_watchdog_sensor,
-    decide,
-    evaluate_tick,
-)
-from deconflow.sensors.policy import (
+from deconflow.protocol import (
     ALERT_TAG,
     ATTEMPT_TAG,
     CELL_TAG,
@@ -31,6 +22,15 @@ from deconflow.sensors.policy import (
     RETRY_OF_TAG,
     STUCK_TAG,
     SWEEP_TAG,
+)
+from deconflow.sensors import (
+    AlertWebhook,
+    Cursor,
+    RunInfo,
+    WatchdogSettings,
+    build_watchdog_sensor,
+    decide,
+    evaluate_tick,
 )
 from deconflow.sweep import load_grid
 

@@ -1,4 +1,4 @@
-"""End-to-end checks of the local one-node SLURM cluster (deconflow.slurm.cluster).
+"""End-to-end checks of the local one-node SLURM cluster (deconflow_dev.slurm_cluster).
 
 The cluster is brought up once per module and deliberately left up afterwards, because other
 SLURM tests reuse it; `test_down_then_up_again` runs last and restores it.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from deconflow.slurm import cluster
+from deconflow_dev import slurm_cluster as cluster
 
 pytestmark = [
     pytest.mark.slurm,

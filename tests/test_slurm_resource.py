@@ -1,6 +1,6 @@
 """SlurmResource against the real local SLURM cluster (no mocked sbatch/squeue/sacct).
 
-The cluster comes from :mod:`deconflow.slurm.cluster` (``.ci/run`` brings it up; the module
+The cluster comes from :mod:`deconflow_dev.slurm_cluster` (``.ci/run`` brings it up; the module
 fixture calls ``up()``, a no-op when it already runs). Every test uses its own job-name prefix,
 so counting a partition's jobs in ``sacct`` only sees that test's jobs. The one slow case (a
 one-minute time limit) runs in a background process started by the first cluster test and is
@@ -25,20 +25,17 @@ import dagster as dg
 import pytest
 
 from deconflow.assets.training import build_training_run
-from deconflow.resources.slurm import (
-    JOB_ID_TAG,
-    STATE_TAG,
-    SlurmConfigError,
-    SlurmPoller,
-    SlurmResource,
-    _parse_scontrol,
-    parse_time_limit,
-)
+from deconflow.profiles import get_profile
+from deconflow.protocol import SLURM_JOB_TAG as JOB_ID_TAG
+from deconflow.protocol import SLURM_STATE_TAG as STATE_TAG
+from deconflow.resources.slurm import SlurmResource
 from deconflow.resources.sweep_settings import SweepSettings
-from deconflow.slurm import cluster
+from deconflow.slurm.commands import parse_scontrol as _parse_scontrol
+from deconflow.slurm.poller import SlurmPoller
+from deconflow.slurm.script import SlurmConfigError, parse_time_limit
 from deconflow.sweep import Cell, load_grid
-from deconflow.training.config import get_profile
 from deconflow.training.data import load_dataset
+from deconflow_dev import slurm_cluster as cluster
 
 REPO = Path(__file__).resolve().parents[1]
 HP = "lr0.1_wd0.001_s0"

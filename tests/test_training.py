@@ -13,9 +13,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from deconflow.profiles import get_profile
+from deconflow.protocol import FAMILIES
 from deconflow.sweep import Cell
-from deconflow.training.config import get_profile
-from deconflow.training.metrics_io import FAMILIES
 from deconflow.training.train import train
 
 CELL = Cell("base", 0.1, 1e-3, 0)

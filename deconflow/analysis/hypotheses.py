@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from deconflow.protocol import DIVERGED
+
 NAN = float("nan")
 RESULT_COLUMNS = [
     "hypothesis",
@@ -30,7 +32,7 @@ RESULT_COLUMNS = [
 ]
 EXCLUDED_COLUMNS = ["hypothesis", "run_id", "reason"]
 H1_METHOD = "r2>=0.98 fraction"
-REASON_DIVERGED = "diverged"
+REASON_DIVERGED = DIVERGED
 REASON_NO_ALPHA = "alpha_early not finite (run shorter than 15 epochs?)"
 REASON_NO_VAL = "no finite validation loss"
 REASON_NO_R2 = "r_squared not finite"
@@ -121,7 +123,7 @@ def correlations(x, y, n_boot: int = 1000, seed: int = 0) -> dict:
 
 
 def _is_diverged(outcome: pd.Series) -> pd.Series:
-    return outcome.astype("string").str.lower().eq("diverged").fillna(False).astype(bool)
+    return outcome.astype("string").str.lower().eq(DIVERGED).fillna(False).astype(bool)
 
 
 def _finite(values: pd.Series) -> pd.Series:

@@ -4,6 +4,7 @@ import dagster as dg
 
 from deconflow import warehouse
 from deconflow.assets.tables import load_table
+from deconflow.protocol import DIVERGED, FAILED, MATERIALIZED, MISSING, RUNNING
 from deconflow.settings import db_path
 
 
@@ -14,10 +15,10 @@ from deconflow.settings import db_path
 )
 def all_cells_materialized() -> dg.AssetCheckResult:
     df = load_table("completeness")
-    done = df["status"].isin(["materialized", "diverged"])
-    missing = df.loc[df["status"] == "missing", "run_id"].tolist()
-    failed = df.loc[df["status"] == "failed"]
-    running = df.loc[df["status"] == "running", "run_id"].tolist()
+    done = df["status"].isin([MATERIALIZED, DIVERGED])
+    missing = df.loc[df["status"] == MISSING, "run_id"].tolist()
+    failed = df.loc[df["status"] == FAILED]
+    running = df.loc[df["status"] == RUNNING, "run_id"].tolist()
     return dg.AssetCheckResult(
         passed=bool(done.all()),
         severity=dg.AssetCheckSeverity.WARN,

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from deconflow.protocol import family_file  # noqa: E402
+
 
 def _md(fig, title: str) -> dg.MetadataValue:
     buf = io.BytesIO()
@@ -26,7 +28,7 @@ def loss_curves(runs: dict[str, Path], fits: pd.DataFrame, max_runs: int = 8) ->
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in fits.head(max_runs).itertuples():
         b = pd.read_parquet(
-            runs[row.run_id] / "batch_metrics.parquet", columns=["step", "epoch", "loss_nats"]
+            runs[row.run_id] / family_file("batch_metrics"), columns=["step", "epoch", "loss_nats"]
         )
         (line,) = ax.loglog(b["step"], b["loss_nats"], lw=0.7, alpha=0.8, label=row.run_id)
         if np.isfinite(row.exponent):

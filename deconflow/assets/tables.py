@@ -9,9 +9,9 @@ from deconflow import warehouse
 from deconflow.analysis.hypotheses import hypotheses_table
 from deconflow.assets import plots
 from deconflow.dagster_state import partition_states
+from deconflow.parquet_io import write_parquet
 from deconflow.settings import runs_dir, tables_dir
 from deconflow.sweep import Grid
-from deconflow.training.metrics_io import write_parquet
 
 
 def save_table(name: str, df: pd.DataFrame) -> None:

@@ -4,18 +4,21 @@ import shutil
 
 import dagster as dg
 
-from deconflow.dagster_state import CELL_TAG, SWEEP_TAG
 from deconflow.partitions import cell_for, partitions_def
+from deconflow.protocol import (
+    CELL_TAG,
+    GRAD_ACCUM_TAG,
+    RESUME_TAG,
+    SLURM_DIR,
+    SLURM_JOB_ID,
+    SUMMARY,
+    SWEEP_TAG,
+)
 from deconflow.resources.compute import ComputeResource
 from deconflow.resources.sweep_settings import SweepSettings
 from deconflow.settings import runs_dir, work_dir
 from deconflow.sweep import Grid
 from deconflow.warehouse import publish_run
-
-# Run tags the sensors set on retries (issue: classified retries).
-RESUME_TAG = "deconflow/resume"  # "true": continue from the latest checkpoint
-GRAD_ACCUM_TAG = "deconflow/grad_accum"  # out-of-memory retries keep the effective batch
-ATTEMPT_TAG = "deconflow/attempt"
 
 
 def build_training_run(grid: Grid) -> dg.AssetsDefinition:
@@ -45,11 +48,11 @@ def build_training_run(grid: Grid) -> dg.AssetsDefinition:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         results = compute.train_cell(context, cell, sweep.profile, overrides, work)
-        if not (work / "summary.json").exists():
-            raise dg.Failure(f"training of {cell.key} ended without a summary.json in {work}")
+        if not (work / SUMMARY).exists():
+            raise dg.Failure(f"training of {cell.key} ended without a {SUMMARY} in {work}")
         published = publish_run(work, runs_dir())
         extra = {"run_dir": dg.MetadataValue.path(str(published)), "cell": cell.key}
-        job_id = work / "slurm" / "job_id"
+        job_id = work / SLURM_DIR / SLURM_JOB_ID
         if job_id.exists():
             extra["slurm_job_id"] = job_id.read_text().strip()
         mats = [r for r in results if isinstance(r, dg.MaterializeResult)]

@@ -25,9 +25,18 @@ from dagster import PipesFileMessageReader, open_pipes_session
 from dagster._core.pipes.utils import PipesFileContextInjector
 
 from deconflow.failures import UNKNOWN, classify_log
+from deconflow.protocol import (
+    FAILURE_CLASS_TAG,
+    FAILURE_REASON_TAG,
+    PID_TAG,
+    PIPES_CONTEXT,
+    PIPES_DIR,
+    PIPES_MESSAGES,
+    TRAIN_LOG,
+)
 from deconflow.sweep import Cell
 
-LOG_NAME = "train.log"
+TRAINING_MODULE = "deconflow.training.run"  # run as `python -m` (never imported here)
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
@@ -64,7 +73,7 @@ class ComputeResource(dg.ConfigurableResource):
         return [
             self.python,
             "-m",
-            "deconflow.training.run",
+            TRAINING_MODULE,
             "--key",
             cell.key,
             "--profile",
@@ -89,6 +98,13 @@ class ComputeResource(dg.ConfigurableResource):
     @abstractmethod
     def cancel(self, context, handle: Any) -> None: ...
 
+    @abstractmethod
+    def cancel_run_job(self, tags: dict[str, str]) -> str:
+        """Stop the training a Dagster run started (from its tags); returns what was done.
+
+        The watchdog calls it for a stuck run, from another process than the run's own.
+        """
+
     def train_cell(
         self,
         context: dg.AssetExecutionContext,
@@ -98,14 +114,14 @@ class ComputeResource(dg.ConfigurableResource):
         work: Path,
     ) -> list:
         """Run the cell to its end; returns the Pipes results (the materialization)."""
-        pipes_dir = work / ".pipes"
+        pipes_dir = work / PIPES_DIR
         pipes_dir.mkdir(parents=True, exist_ok=True)
         for f in pipes_dir.iterdir():
             f.unlink()
         with open_pipes_session(
             context=context,
-            context_injector=PipesFileContextInjector(str(pipes_dir / "context.json")),
-            message_reader=PipesFileMessageReader(str(pipes_dir / "messages.jsonl")),
+            context_injector=PipesFileContextInjector(str(pipes_dir / PIPES_CONTEXT)),
+            message_reader=PipesFileMessageReader(str(pipes_dir / PIPES_MESSAGES)),
             extras={"cell": cell.key, "profile": profile},
         ) as session:
             env = {**session.get_bootstrap_env_vars(), "PYTHONUNBUFFERED": "1"}
@@ -121,13 +137,13 @@ class ComputeResource(dg.ConfigurableResource):
         if outcome.tags:
             context.instance.add_run_tags(context.run_id, outcome.tags)
         if not outcome.ok:
-            tail = log_tail(work / LOG_NAME)
+            tail = log_tail(work / TRAIN_LOG)
             cls = outcome.failure_class or classify_log(tail) or UNKNOWN
             context.instance.add_run_tags(
                 context.run_id,
-                {"deconflow/failure_class": cls, "deconflow/failure_reason": outcome.message[:200]},
+                {FAILURE_CLASS_TAG: cls, FAILURE_REASON_TAG: outcome.message[:200]},
             )
-            context.log.error(f"last lines of {work / LOG_NAME}:\n{tail}")
+            context.log.error(f"last lines of {work / TRAIN_LOG}:\n{tail}")
             raise TrainingFailed(
                 description=f"training of {cell.key} failed [{cls}]: {outcome.message}\n{tail}",
                 metadata={"failure_class": cls, "log_tail": tail, **outcome.tags},
@@ -142,7 +158,7 @@ class LocalProcessResource(ComputeResource):
     poll_interval_s: float = 0.5
 
     def launch(self, context, cell, cmd, env, work):
-        log = open(work / LOG_NAME, "ab")
+        log = open(work / TRAIN_LOG, "ab")
         proc = subprocess.Popen(
             cmd,
             env={**os.environ, **env, "DECONFLOW_TORCH_THREADS": str(self.torch_threads)},
@@ -152,7 +168,7 @@ class LocalProcessResource(ComputeResource):
         )
         log.close()
         context.log.info(f"started {cell.key} as local process {proc.pid}")
-        context.instance.add_run_tags(context.run_id, {"deconflow/pid": str(proc.pid)})
+        context.instance.add_run_tags(context.run_id, {PID_TAG: str(proc.pid)})
         return proc
 
     def wait(self, context, cell, handle, work):
@@ -162,7 +178,7 @@ class LocalProcessResource(ComputeResource):
         if rc == 0:
             return Outcome(ok=True)
         why = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-        cls = classify_log(log_tail(work / LOG_NAME))
+        cls = classify_log(log_tail(work / TRAIN_LOG))
         return Outcome(ok=False, failure_class=cls, message=f"process ended with {why}")
 
     def cancel(self, context, handle):
@@ -172,3 +188,23 @@ class LocalProcessResource(ComputeResource):
                 handle.wait(10)
             except subprocess.TimeoutExpired:
                 os.killpg(handle.pid, signal.SIGKILL)
+
+    def cancel_run_job(self, tags: dict[str, str]) -> str:
+        """SIGKILL the run's process group (SIGTERM would never reach a SIGSTOPped process).
+
+        Only if the pid still is a deconflow training process: pids get reused.
+        """
+        pid = tags.get(PID_TAG)
+        if not pid or not pid.isdigit():
+            return "no pid tag: nothing to cancel"
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            return f"process {pid} is gone"
+        if TRAINING_MODULE.encode() not in cmdline:
+            return f"pid {pid} is not a training process any more; not killed"
+        try:
+            os.killpg(int(pid), signal.SIGKILL)  # started with start_new_session: pgid == pid
+        except ProcessLookupError:
+            return f"process {pid} is gone"
+        return f"killed process group {pid}"

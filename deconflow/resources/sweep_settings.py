@@ -6,7 +6,7 @@ import json
 
 import dagster as dg
 
-from deconflow.training.config import get_profile
+from deconflow.profiles import get_profile
 
 
 class SweepSettings(dg.ConfigurableResource):

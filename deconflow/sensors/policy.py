@@ -22,24 +22,24 @@ from deconflow.failures import (
     UNKNOWN,
     classify_slurm_state,
 )
-
-# Run tags (read and written by the sensors; the asset reads resume/grad_accum/attempt).
-SWEEP_TAG = "deconflow/sweep"
-CELL_TAG = "deconflow/cell"
-RESUME_TAG = "deconflow/resume"
-GRAD_ACCUM_TAG = "deconflow/grad_accum"
-ATTEMPT_TAG = "deconflow/attempt"
-RETRY_OF_TAG = "deconflow/retry_of"
-# The class that caused this retry. Not ``deconflow/failure_class``: that tag names the failure
-# of the run that carries it, and a successful retry must not look failed in the tables.
-RETRY_CLASS_TAG = "deconflow/retry_class"
-FAILURE_CLASS_TAG = "deconflow/failure_class"
-FAILURE_REASON_TAG = "deconflow/failure_reason"
-STUCK_TAG = "deconflow/stuck"  # set by the watchdog on a run whose job it cancelled as stuck
-ALERT_TAG = "deconflow/alert"
-SLURM_JOB_TAG = "deconflow/slurm_job_id"
-SLURM_STATE_TAG = "deconflow/slurm_state"
-PID_TAG = "deconflow/pid"
+from deconflow.protocol import (
+    ATTEMPT_TAG,
+    CELL_TAG,
+    FAILED,
+    FAILURE_CLASS_TAG,
+    FAILURE_REASON_TAG,
+    GRAD_ACCUM_TAG,
+    RESUME_TAG,
+    RETRY_CLASS_TAG,
+    RETRY_OF_TAG,
+    SLURM_STATE_TAG,
+    STUCK_TAG,
+    SUCCEEDED,
+    SWEEP_TAG,
+)
+from deconflow.protocol import (
+    CANCELLED as RUN_CANCELLED,
+)
 
 # Classes that resume from the latest checkpoint: the work done so far is sound.
 RESUME_CLASSES = frozenset({TIMEOUT, NODE_FAIL, PREEMPTED, STUCK, CANCELLED})
@@ -88,7 +88,7 @@ class RunInfo:
     """What the policies need of one Dagster run."""
 
     run_id: str
-    status: str  # queued | running | failed | cancelled | succeeded
+    status: str  # a protocol run state: queued | running | failed | cancelled | succeeded
     tags: dict[str, str] = field(default_factory=dict)
     start_time: float | None = None
     create_time: float | None = None
@@ -111,7 +111,7 @@ def failure_class(run: RunInfo) -> str:
     cls = run.tags.get(FAILURE_CLASS_TAG)
     if cls:
         return cls
-    if run.status == "cancelled":
+    if run.status == RUN_CANCELLED:
         return USER_CANCELLED  # terminated from the UI/CLI: train_cell tagged nothing
     state = run.tags.get(SLURM_STATE_TAG)
     if state:
@@ -123,9 +123,9 @@ def _since_last_success(history: list[RunInfo]) -> list[RunInfo]:
     """The failed runs since the cell last succeeded (history is newest first)."""
     out = []
     for run in history:
-        if run.status == "succeeded":
+        if run.status == SUCCEEDED:
             break
-        if run.status in ("failed", "cancelled"):
+        if run.status in (FAILED, RUN_CANCELLED):
             out.append(run)
     return out
 

@@ -9,26 +9,32 @@ no daemon to be tested: :func:`evaluate_tick` is a plain function of an instance
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
 
-from deconflow.partitions import partition_key
-from deconflow.resources.compute import LOG_NAME, ComputeResource, log_tail
-from deconflow.sensors.alerts import AlertWebhook
-from deconflow.sensors.policy import (
+from deconflow.protocol import (
     ALERT_TAG,
+    CANCELLED,
     CELL_TAG,
-    PID_TAG,
-    SLURM_JOB_TAG,
+    FAILED,
+    HEARTBEAT,
+    IN_PROGRESS_STATES,
+    QUEUED,
+    RUN_STATES,
     SLURM_STATE_TAG,
     STUCK_TAG,
     SWEEP_TAG,
+    TRAIN_LOG,
+    cell_key_of_tags,
+    partition_key_str,
+    run_state,
+)
+from deconflow.resources.compute import ComputeResource, log_tail
+from deconflow.sensors.alerts import AlertWebhook
+from deconflow.sensors.policy import (
     USER_CANCELLED,
     Cursor,
     RunInfo,
@@ -39,19 +45,7 @@ from deconflow.sensors.policy import (
 from deconflow.settings import work_dir
 from deconflow.sweep import Grid, parse_key
 
-_S = dg.DagsterRunStatus
-_STATUS = {
-    _S.QUEUED: "queued",
-    _S.NOT_STARTED: "queued",
-    _S.STARTING: "running",
-    _S.STARTED: "running",
-    _S.CANCELING: "running",
-    _S.FAILURE: "failed",
-    _S.CANCELED: "cancelled",
-    _S.SUCCESS: "succeeded",
-}
-_IN_PROGRESS = [s for s, v in _STATUS.items() if v in ("queued", "running")]
-PARTITION_TAG = "dagster/partition"
+_IN_PROGRESS = [dg.DagsterRunStatus(k) for k, v in RUN_STATES.items() if v in IN_PROGRESS_STATES]
 
 
 @dataclass
@@ -76,22 +70,10 @@ class TickReport:
         return "\n".join([head, *self.lines])
 
 
-def _cell_of(tags: dict[str, str]) -> str | None:
-    if tags.get(CELL_TAG):
-        return tags[CELL_TAG]
-    key = tags.get(PARTITION_TAG)
-    if not key or "|" not in key:
-        return None
-    hp, _, variant = key.partition("|")
-    return f"{variant}__{hp}"
-
-
 def _run_info(rec) -> RunInfo:
     run = rec.dagster_run
     created = rec.create_timestamp.timestamp() if rec.create_timestamp else None
-    return RunInfo(
-        run.run_id, _STATUS.get(run.status, "running"), dict(run.tags), rec.start_time, created
-    )
+    return RunInfo(run.run_id, run_state(run.status), dict(run.tags), rec.start_time, created)
 
 
 def read_histories(
@@ -105,7 +87,7 @@ def read_histories(
             histories.setdefault(cell, []).append(_run_info(rec))
     busy = set()
     for rec in instance.get_run_records(dg.RunsFilter(statuses=_IN_PROGRESS), limit=10_000):
-        cell = _cell_of(rec.dagster_run.tags)
+        cell = cell_key_of_tags(rec.dagster_run.tags)
         if cell:
             busy.add(cell)
     return histories, busy
@@ -115,48 +97,24 @@ def last_progress(work: Path, run: RunInfo) -> float:
     """When the run last made training progress: its heartbeat, but not before it started."""
     started = run.start_time or run.create_time or 0.0
     try:
-        beat = float(json.loads((work / "heartbeat.json").read_text())["time"])
+        beat = float(json.loads((work / HEARTBEAT).read_text())["time"])
     except (OSError, ValueError, KeyError, TypeError):
         beat = 0.0
     return max(beat, started)
 
 
 def cancel_job(run: RunInfo, compute: ComputeResource | None) -> str:
-    """Stop a stuck run's training: ``scancel`` its SLURM job, or SIGKILL its local process.
-
-    SIGKILL, not SIGTERM: a SIGSTOPped process would never handle SIGTERM. A local pid is
-    only killed if it still is a deconflow training process (pids get reused).
-    """
-    job_id = run.tags.get(SLURM_JOB_TAG)
-    if job_id:
-        env = compute.client_env() if hasattr(compute, "client_env") else dict(os.environ)
-        proc = subprocess.run(
-            ["scancel", job_id], env=env, capture_output=True, text=True, timeout=30, check=False
-        )
-        if proc.returncode != 0:
-            return f"scancel {job_id} failed: {(proc.stderr or proc.stdout).strip()[:200]}"
-        return f"scancel {job_id}"
-    pid = run.tags.get(PID_TAG)
-    if pid and pid.isdigit():
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return f"process {pid} is gone"
-        if b"deconflow.training.run" not in cmdline:
-            return f"pid {pid} is not a training process any more; not killed"
-        try:
-            os.killpg(int(pid), signal.SIGKILL)  # started with start_new_session: pgid == pid
-        except ProcessLookupError:
-            return f"process {pid} is gone"
-        return f"killed process group {pid}"
-    return "no SLURM job id or pid tag: nothing to cancel"
+    """Stop a stuck run's training through the compute resource that started it."""
+    if compute is None:
+        return "no compute resource: nothing cancelled"
+    return compute.cancel_run_job(run.tags)
 
 
 def _alert(kind: str, cell: str, run: RunInfo | None, cls: str, attempts: int, reason: str):
-    tail = log_tail(work_dir() / cell / LOG_NAME, 20) if cell else ""
+    tail = log_tail(work_dir() / cell / TRAIN_LOG, 20) if cell else ""
     return {
         "kind": kind,
-        "partition": str(partition_key(parse_key(cell))) if cell else None,
+        "partition": partition_key_str(parse_key(cell)) if cell else None,
         "cell": cell or None,
         "class": cls,
         "attempts": attempts,
@@ -199,9 +157,9 @@ def evaluate_tick(
 
     for cell, history in histories.items():
         latest = history[0]
-        if latest.status in ("queued", "running"):
+        if latest.status in IN_PROGRESS_STATES:
             busy.add(cell)
-            pending = latest.status == "queued" or latest.tags.get(SLURM_STATE_TAG) == "PENDING"
+            pending = latest.status == QUEUED or latest.tags.get(SLURM_STATE_TAG) == "PENDING"
             if pending:
                 since = latest.start_time or latest.create_time or now
                 if now - since > settings.queued_after_s:
@@ -223,7 +181,7 @@ def evaluate_tick(
                 rep.cancelled.append({"cell": cell, "run_id": latest.run_id, "action": what})
                 rep.lines.append(f"STUCK {cell} run {latest.run_id}: {reason}; {what}")
             continue
-        if latest.status not in ("failed", "cancelled"):
+        if latest.status not in (FAILED, CANCELLED):
             continue
         cls = failure_class(latest)
         if cls != USER_CANCELLED:
@@ -238,7 +196,7 @@ def evaluate_tick(
             rep.requests.append(
                 dg.RunRequest(
                     run_key=f"{cell}:{latest.run_id}",
-                    partition_key=str(partition_key(parse_key(cell))),
+                    partition_key=partition_key_str(parse_key(cell)),
                     tags=decision.tags,
                 )
             )

@@ -10,22 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from deconflow.atomic import atomic_write_bytes
-
-FAMILIES: dict[str, list[str]] = {
-    "batch_metrics": ["step", "epoch", "loss_nats", "loss_bits", "accuracy", "lr", "weight_decay"],
-    "val_metrics": ["step", "epoch", "val_loss", "val_accuracy", "grad_norm", "weight_norm"],
-    "curvature_metrics": ["step", "epoch", "lambda_max", "hessian_trace"],
-    "noise_metrics": ["step", "epoch", "psd_tail_ratio", "grad_variance", "residual_power"],
-}
-
-
-def write_parquet(path: Path, df: pd.DataFrame) -> None:
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    atomic_write_bytes(path, lambda f: pq.write_table(table, f))
+from deconflow.parquet_io import write_parquet
+from deconflow.protocol import FAMILIES, family_file
 
 
 class MetricLog:
@@ -55,16 +42,16 @@ class MetricLog:
         for family in FAMILIES:
             if (
                 self._written.get(family) == len(self.rows[family])
-                and (self.folder / f"{family}.parquet").exists()
+                and (self.folder / family_file(family)).exists()
             ):
                 continue
-            write_parquet(self.folder / f"{family}.parquet", self.frame(family))
+            write_parquet(self.folder / family_file(family), self.frame(family))
             self._written[family] = len(self.rows[family])
 
     def load(self, upto_step: int) -> None:
         """Reload what an earlier attempt wrote, keeping rows up to its checkpoint."""
         for family in FAMILIES:
-            path = self.folder / f"{family}.parquet"
+            path = self.folder / family_file(family)
             if path.exists():
                 df = pd.read_parquet(path)
                 df = df[df["step"] <= upto_step]

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from deconflow.analysis.curvature import hutchinson_trace, model_hvp, power_iteration
-from deconflow.analysis.spectra import gradient_variance, psd_tail_ratio, residual_power
+from deconflow.training.curvature import hutchinson_trace, model_hvp, power_iteration
+from deconflow.training.spectra import gradient_variance, psd_tail_ratio, residual_power
 
 
 def _eval_mode(model: nn.Module):

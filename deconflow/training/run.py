@@ -17,28 +17,10 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+from deconflow.profiles import get_profile
+from deconflow.protocol import METADATA_FIELDS
 from deconflow.sweep import Cell, parse_key
-from deconflow.training.config import get_profile
 from deconflow.training.train import train
-
-# Summary fields put on the Dagster materialization.
-METADATA_FIELDS = (
-    "outcome",
-    "steps",
-    "total_steps",
-    "wall_time_s",
-    "final_train_loss",
-    "final_val_loss",
-    "final_val_accuracy",
-    "best_val_ce",
-    "best_val_epoch",
-    "r_squared",
-    "knee_epoch",
-    "attempts",
-    "grad_accum",
-    "device",
-    "diverged_at_step",
-)
 
 
 def _clean(v):

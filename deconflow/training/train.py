@@ -20,25 +20,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from deconflow.analysis.fits import fit_run
 from deconflow.atomic import atomic_write_json
+from deconflow.profiles import TrainConfig, variant_spec
+from deconflow.protocol import (
+    CHECKPOINT_DIR,
+    COMPLETED,
+    DIVERGED,
+    HEARTBEAT,
+    METRIC_FILE_GLOB,
+    SUMMARY,
+)
 from deconflow.sweep import Cell
 from deconflow.training import monitors
 from deconflow.training.augment import normalize, random_resized_crop_flip, to_float
 from deconflow.training.checkpoints import Checkpoints
-from deconflow.training.config import TrainConfig, variant_spec
 from deconflow.training.data import load_dataset
 from deconflow.training.metrics_io import MetricLog
 from deconflow.training.model import build_model
+from deconflow.training.schedule import Schedule, lr_at
+from deconflow.training.summary import summarize
 
 LN2 = math.log(2.0)
 # Fields of the config that may change between attempts of one run without changing
 # its science (out-of-memory retries raise grad_accum; a resume may land on other hardware).
 RESUME_FREE_FIELDS = {"grad_accum", "device", "heartbeat_every_s", "fault", "compile", "extra"}
-
-
-class Diverged(Exception):
-    """A non-finite training loss: a result of the experiment, not a failure."""
 
 
 def _seed(*parts: int) -> int:
@@ -51,17 +56,6 @@ def _seed(*parts: int) -> int:
 
 def _generator(device: torch.device, *parts: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(_seed(*parts))
-
-
-def lr_at(step: int, base_lr: float, warmup_steps: int, total_steps: int) -> float:
-    """Learning rate of 1-based ``step``: linear warm-up to base_lr, then cosine to 0.
-
-    The cosine reaches 0 at the end of the last step, so every step's lr is > 0.
-    """
-    if warmup_steps > 0 and step <= warmup_steps:
-        return base_lr * step / warmup_steps
-    progress = (step - warmup_steps - 1) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def pick_device(name: str) -> torch.device:
@@ -93,6 +87,176 @@ def _inject_fault(cfg: TrainConfig, step: int) -> str | None:
     return None
 
 
+def build_optimizer(cell: Cell, optimizer: str, params: list) -> torch.optim.Optimizer:
+    if optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, lr=cell.lr, betas=(0.9, 0.999), weight_decay=cell.weight_decay
+        )
+    return torch.optim.SGD(params, lr=cell.lr, momentum=0.9, weight_decay=cell.weight_decay)
+
+
+class BatchOrder:
+    """Batch ``step + 1`` of the run: a per-epoch permutation, then batched augmentation."""
+
+    def __init__(self, data, cfg: TrainConfig, cell: Cell, sched: Schedule, device) -> None:
+        self.data, self.cfg, self.cell, self.sched, self.device = data, cfg, cell, sched, device
+        self.mean, self.std = data.mean.to(device), data.std.to(device)
+        self.perm, self.perm_epoch = None, -1
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch = step // self.sched.steps_per_epoch
+        if self.perm_epoch != epoch:
+            perm = torch.randperm(
+                len(self.data.y_train),
+                generator=_generator(torch.device("cpu"), self.cell.seed, epoch),
+            )
+            self.perm, self.perm_epoch = perm.to(self.device), epoch
+        i0 = (step % self.sched.steps_per_epoch) * self.sched.batch
+        idx = self.perm[i0 : i0 + self.sched.batch]
+        x = random_resized_crop_flip(
+            self.data.x_train[idx],
+            _generator(self.device, self.cell.seed, step, 1),
+            self.cfg.crop_scale,
+            self.cfg.crop_ratio,
+        )
+        x, y = normalize(x, self.mean, self.std), self.data.y_train[idx]
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def normalized(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return normalize(to_float(x_uint8), self.mean, self.std)
+
+
+def forward_backward(fwd, x, y, sched: Schedule, grad_accum: int, amp, fault: str | None):
+    """Accumulate the gradient of one step; returns (mean loss, correct) as device tensors."""
+    loss_sum = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device)
+    m = sched.micro
+    for k in range(grad_accum):
+        xb, yb = x[k * m : (k + 1) * m], y[k * m : (k + 1) * m]
+        with amp:
+            logits = fwd(xb)
+            loss = nn.functional.cross_entropy(logits.float(), yb)
+        if fault == "nan":
+            loss = loss * float("nan")
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach() * (len(yb) / sched.batch)
+        correct += (logits.argmax(1) == yb).sum()
+    return loss_sum, correct
+
+
+def clip_or_measure_grad_norm(params, clip: float | None, needed: bool):
+    """Clip (bn_off) and return the norm; else measure it only when it is logged."""
+    if clip is not None:
+        return nn.utils.clip_grad_norm_(params, clip)
+    if needed:
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])
+        )
+    return None
+
+
+@torch.no_grad()
+def validate(model, fwd, x_test, y_test, amp, chunk: int = 1000):
+    """(summed loss, correct) over the test set, as device tensors (no host sync)."""
+    model.eval()
+    vloss = torch.zeros((), device=x_test.device)
+    vcorrect = torch.zeros((), device=x_test.device)
+    with amp:
+        for j in range(0, len(x_test), chunk):
+            logits = fwd(x_test[j : j + chunk]).float()
+            vloss += nn.functional.cross_entropy(logits, y_test[j : j + chunk], reduction="sum")
+            vcorrect += (logits.argmax(1) == y_test[j : j + chunk]).sum()
+    model.train()
+    return vloss, vcorrect
+
+
+class StepMetrics:
+    """Per-step loss and accuracy kept on the device; copied to the host once per flush."""
+
+    def __init__(self, cell: Cell, sched: Schedule, device, start_step: int) -> None:
+        self.cell, self.sched = cell, sched
+        self.loss = torch.zeros(sched.total_steps + 1, device=device)
+        self.correct = torch.zeros(sched.total_steps + 1, device=device)
+        self.flushed_upto = start_step
+        self.diverged_at: int | None = None
+
+    def record(self, step: int, loss: torch.Tensor, correct: torch.Tensor) -> None:
+        self.loss[step] = loss
+        self.correct[step] = correct
+
+    def flush(self, upto: int, metrics: MetricLog) -> None:
+        """Append steps up to ``upto`` as batch rows (one sync); stop at a non-finite loss."""
+        if upto <= self.flushed_upto:
+            return
+        a, sched, cell = self.flushed_upto, self.sched, self.cell
+        losses = self.loss[a + 1 : upto + 1].cpu().numpy().astype(float)
+        correct = self.correct[a + 1 : upto + 1].cpu().numpy().astype(float)
+        steps = np.arange(a + 1, upto + 1)
+        bad = np.flatnonzero(~np.isfinite(losses))
+        if len(bad):
+            cut = bad[0] + 1  # keep the first non-finite row: it is the divergence point
+            losses, correct, steps = losses[:cut], correct[:cut], steps[:cut]
+            self.diverged_at = int(steps[-1])
+        metrics.extend(
+            "batch_metrics",
+            {
+                "step": steps.tolist(),
+                "epoch": (steps / sched.steps_per_epoch).tolist(),
+                "loss_nats": losses.tolist(),
+                "loss_bits": (losses / LN2).tolist(),
+                "accuracy": (correct / sched.batch).tolist(),
+                "lr": [
+                    lr_at(int(s), cell.lr, sched.warmup_steps, sched.total_steps) for s in steps
+                ],
+                "weight_decay": [cell.weight_decay] * len(steps),
+            },
+        )
+        self.flushed_upto = upto
+
+
+class Heartbeat:
+    """``heartbeat.json``: the watchdog's evidence of progress, rewritten every few seconds."""
+
+    def __init__(self, path: Path, every_s: float, sched: Schedule) -> None:
+        self.path, self.every_s, self.sched, self.last = path, every_s, sched, 0.0
+
+    def beat(self, step: int, force: bool = False) -> None:
+        now = time.time()
+        if force or now - self.last >= self.every_s:
+            atomic_write_json(
+                self.path,
+                {
+                    "step": step,
+                    "epoch": self.sched.epoch(step),
+                    "time": now,
+                    "pid": os.getpid(),
+                    "total_steps": self.sched.total_steps,
+                },
+            )
+            self.last = now
+
+
+def resume_or_start(ckpts, metrics, model, opt, fingerprint, out: Path, device):
+    """(step, wall time before, attempt) from ``latest.pt``, or a fresh start at step 0."""
+    state = ckpts.load_latest(map_location=device)
+    if state is None:
+        for f in out.glob(METRIC_FILE_GLOB):
+            f.unlink()
+        return 0, 0.0, 1
+    if state["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"checkpoint in {out} belongs to another config; use a fresh output folder"
+        )
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    step = state["step"]
+    metrics.load(upto_step=step)
+    ckpts.prune_after(step)
+    return step, state["wall_time_s"], state["attempts"] + 1
+
+
 def train(
     cell: Cell,
     cfg: TrainConfig,
@@ -107,241 +271,93 @@ def train(
     device = pick_device(cfg.device)
     spec = variant_spec(cell)
     data = load_dataset(cfg).to(device)
-    n_train, batch = len(data.y_train), cfg.batch_size
-    micro = batch // cfg.grad_accum
-    steps_per_epoch = n_train // batch
-    if steps_per_epoch < 1:
-        raise ValueError(f"batch size {batch} is larger than the training set ({n_train})")
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    val_steps = {
-        max(1, round(k * steps_per_epoch / cfg.val_per_epoch))
-        for k in range(1, cfg.epochs * cfg.val_per_epoch + 1)
-    }
-    noise_every = cfg.noise_every_epochs * steps_per_epoch
+    sched = Schedule.of(cfg, len(data.y_train))
+    total = sched.total_steps
 
     torch.manual_seed(cell.seed)
-    model = build_model(
-        data.num_classes, data.x_train.shape[1], cfg.width_mult * spec.width_factor, spec.norm
-    ).to(device)
+    width = cfg.width_mult * spec.width_factor
+    model = build_model(data.num_classes, data.x_train.shape[1], width, spec.norm).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
-    if spec.optimizer == "adamw":
-        opt = torch.optim.AdamW(
-            params, lr=cell.lr, betas=(0.9, 0.999), weight_decay=cell.weight_decay
-        )
-    else:
-        opt = torch.optim.SGD(params, lr=cell.lr, momentum=0.9, weight_decay=cell.weight_decay)
+    opt = build_optimizer(cell, spec.optimizer, params)
     fwd = torch.compile(model) if cfg.compile and device.type == "cuda" else model
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
-    mean, std = data.mean.to(device), data.std.to(device)
-    x_test = normalize(to_float(data.x_test), mean, std)
-    hess_x = normalize(to_float(data.x_train[: cfg.hessian_batch]), mean, std)
+    batches = BatchOrder(data, cfg, cell, sched, device)
+    x_test = batches.normalized(data.x_test)
+    hess_x = batches.normalized(data.x_train[: cfg.hessian_batch])
     hess_y = data.y_train[: cfg.hessian_batch]
 
-    ckpts = Checkpoints(out / "checkpoints", cfg.keep_best)
+    ckpts = Checkpoints(out / CHECKPOINT_DIR, cfg.keep_best)
     metrics = MetricLog(out, cell.key)
-    step, wall_before, attempts = 0, 0.0, 1
     fingerprint = _fingerprint(cell, cfg)
-    state = ckpts.load_latest(map_location=device)
-    if state is not None:
-        if state["fingerprint"] != fingerprint:
-            raise ValueError(
-                f"checkpoint in {out} belongs to another config; use a fresh output folder"
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        step, wall_before, attempts = state["step"], state["wall_time_s"], state["attempts"] + 1
-        metrics.load(upto_step=step)
-        ckpts.prune_after(step)
-        log(f"resumed {cell.key} from step {step}/{total_steps} (attempt {attempts})")
+    step, wall_before, attempts = resume_or_start(
+        ckpts, metrics, model, opt, fingerprint, out, device
+    )
+    if step:
+        log(f"resumed {cell.key} from step {step}/{total} (attempt {attempts})")
     else:
-        for f in out.glob("*_metrics.parquet"):
-            f.unlink()
-        log(f"training {cell.key} on {device}: {total_steps} steps, profile {cfg.profile}")
-
-    heartbeat_path, last_beat = out / "heartbeat.json", 0.0
-
-    def beat(force: bool = False) -> None:
-        nonlocal last_beat
-        now = time.time()
-        if force or now - last_beat >= cfg.heartbeat_every_s:
-            atomic_write_json(
-                heartbeat_path,
-                {
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "time": now,
-                    "pid": os.getpid(),
-                    "total_steps": total_steps,
-                },
-            )
-            last_beat = now
-
-    # Per-step metrics accumulate here, on the device, until the next flush.
-    buf_loss = torch.zeros(total_steps + 1, device=device)
-    buf_correct = torch.zeros(total_steps + 1, device=device)
-    flushed_upto = step
-    diverged_at: int | None = None
-    perm, perm_epoch = None, -1
+        log(f"training {cell.key} on {device}: {total} steps, profile {cfg.profile}")
+    heartbeat = Heartbeat(out / HEARTBEAT, cfg.heartbeat_every_s, sched)
+    steps = StepMetrics(cell, sched, device, step)
     n_val = len(metrics.rows["val_metrics"])
-    beat(force=True)
-
-    def flush(upto: int) -> None:
-        """Copy per-step metrics to the host (one sync) and look for divergence."""
-        nonlocal flushed_upto, diverged_at
-        if upto <= flushed_upto:
-            return
-        losses = buf_loss[flushed_upto + 1 : upto + 1].cpu().numpy().astype(float)
-        correct = buf_correct[flushed_upto + 1 : upto + 1].cpu().numpy().astype(float)
-        steps = np.arange(flushed_upto + 1, upto + 1)
-        bad = np.flatnonzero(~np.isfinite(losses))
-        if len(bad):
-            cut = bad[0] + 1  # keep the first non-finite row: it is the divergence point
-            losses, correct, steps = losses[:cut], correct[:cut], steps[:cut]
-            diverged_at = int(steps[-1])
-        lrs = [lr_at(int(s), cell.lr, warmup_steps, total_steps) for s in steps]
-        metrics.extend(
-            "batch_metrics",
-            {
-                "step": steps.tolist(),
-                "epoch": (steps / steps_per_epoch).tolist(),
-                "loss_nats": losses.tolist(),
-                "loss_bits": (losses / LN2).tolist(),
-                "accuracy": (correct / batch).tolist(),
-                "lr": lrs,
-                "weight_decay": [cell.weight_decay] * len(steps),
-            },
-        )
-        flushed_upto = upto
+    heartbeat.beat(step, force=True)
 
     model.train()
-    while step < total_steps and diverged_at is None:
+    while step < total and steps.diverged_at is None:
         # ---- one optimisation step: batch `step + 1` of the run ----
-        epoch = step // steps_per_epoch
-        if perm_epoch != epoch:
-            perm = torch.randperm(
-                n_train, generator=_generator(torch.device("cpu"), cell.seed, epoch)
-            )
-            perm, perm_epoch = perm.to(device), epoch
-        i0 = (step % steps_per_epoch) * batch
-        idx = perm[i0 : i0 + batch]
-        x = random_resized_crop_flip(
-            data.x_train[idx],
-            _generator(device, cell.seed, step, 1),
-            cfg.crop_scale,
-            cfg.crop_ratio,
-        )
-        x, y = normalize(x, mean, std), data.y_train[idx]
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        lr = lr_at(step + 1, cell.lr, warmup_steps, total_steps)
+        x, y = batches.batch(step)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr_at(step + 1, cell.lr, sched.warmup_steps, total)
         fault = _inject_fault(cfg, step + 1)
         opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        for k in range(cfg.grad_accum):
-            xb, yb = x[k * micro : (k + 1) * micro], y[k * micro : (k + 1) * micro]
-            with amp:
-                logits = fwd(xb)
-                loss = nn.functional.cross_entropy(logits.float(), yb)
-            if fault == "nan":
-                loss = loss * float("nan")
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach() * (len(yb) / batch)
-            correct += (logits.argmax(1) == yb).sum()
+        loss, correct = forward_backward(fwd, x, y, sched, cfg.grad_accum, amp, fault)
         step += 1
-        is_val = step in val_steps
-        grad_norm = None
-        if spec.clip_grad_norm is not None:
-            grad_norm = nn.utils.clip_grad_norm_(params, spec.clip_grad_norm)
-        elif is_val:
-            grad_norm = torch.linalg.vector_norm(
-                torch.stack(
-                    [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
-                )
-            )
+        is_val = step in sched.val_steps
+        grad_norm = clip_or_measure_grad_norm(params, spec.clip_grad_norm, is_val)
         opt.step()
-        buf_loss[step] = loss_sum
-        buf_correct[step] = correct
-        beat()
+        steps.record(step, loss, correct)
+        heartbeat.beat(step)
 
-        # ---- slow monitors ----
+        # ---- curvature every `hessian_every` steps ----
         if cfg.hessian_every and step % cfg.hessian_every == 0:
+            gen = _generator(device, cell.seed, step, 2)
             lam, tr = monitors.curvature(
-                model,
-                hess_x,
-                hess_y,
-                cfg.hessian_iters,
-                cfg.hutchinson_samples,
-                _generator(device, cell.seed, step, 2),
+                model, hess_x, hess_y, cfg.hessian_iters, cfg.hutchinson_samples, gen
             )
             metrics.add(
                 "curvature_metrics",
                 step=step,
-                epoch=step / steps_per_epoch,
+                epoch=sched.epoch(step),
                 lambda_max=lam,
                 hessian_trace=tr,
             )
-
         if not is_val:
             continue
+
         # ---- validation point (every 0.25 epoch): flush, evaluate, checkpoint ----
-        flush(step)
-        if diverged_at is not None:
+        steps.flush(step, metrics)
+        if steps.diverged_at is not None:
             break
-        model.eval()
-        with torch.no_grad(), amp:
-            vloss = torch.zeros((), device=device)
-            vcorrect = torch.zeros((), device=device)
-            for j in range(0, len(x_test), 1000):
-                logits = fwd(x_test[j : j + 1000]).float()
-                vloss += nn.functional.cross_entropy(
-                    logits, data.y_test[j : j + 1000], reduction="sum"
-                )
-                vcorrect += (logits.argmax(1) == data.y_test[j : j + 1000]).sum()
-        model.train()
+        vloss, vcorrect = validate(model, fwd, x_test, data.y_test, amp)
         weight_norm = torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in params]))
-        v = torch.stack(
-            [vloss / len(x_test), vcorrect / len(x_test), grad_norm, weight_norm]
-        ).tolist()
+        n_test = len(x_test)
+        v = torch.stack([vloss / n_test, vcorrect / n_test, grad_norm, weight_norm]).tolist()
         metrics.add(
             "val_metrics",
             step=step,
-            epoch=step / steps_per_epoch,
+            epoch=sched.epoch(step),
             val_loss=v[0],
             val_accuracy=v[1],
             grad_norm=v[2],
             weight_norm=v[3],
         )
-
-        if noise_every and step % noise_every == 0:
-            g = _generator(torch.device("cpu"), cell.seed, step, 3)
-            picks = torch.randint(0, n_train, (cfg.noise_microbatches, micro), generator=g).to(
-                device
-            )
-            xs = [normalize(to_float(data.x_train[p]), mean, std) for p in picks]
-            ys = [data.y_train[p] for p in picks]
-            signal = np.array(
-                [r["loss_nats"] for r in metrics.rows["batch_metrics"][-noise_every:]]
-            )
-            tail, var, resid = monitors.grad_noise(model, xs, ys, signal)
-            metrics.add(
-                "noise_metrics",
-                step=step,
-                epoch=step / steps_per_epoch,
-                psd_tail_ratio=tail,
-                grad_variance=var,
-                residual_power=resid,
-            )
-
+        if sched.noise_every and step % sched.noise_every == 0:
+            metrics.add("noise_metrics", **measure_noise(model, batches, metrics, step, cfg))
         ckpts.offer_best(v[0], step, model.state_dict())
         n_val += 1
-        if n_val % cfg.checkpoint_every and step != total_steps:
+        if n_val % cfg.checkpoint_every and step != total:
             continue
         metrics.flush()
         ckpts.save_latest(
@@ -354,31 +370,18 @@ def train(
                 "fingerprint": fingerprint,
             }
         )
-        beat(force=True)
-        info = {
-            "step": step,
-            "total_steps": total_steps,
-            "epoch": step / steps_per_epoch,
-            "train_loss": metrics.rows["batch_metrics"][-1]["loss_nats"],
-            "val_loss": v[0],
-            "val_accuracy": v[1],
-        }
-        if progress:
-            progress(info)
-        if step % steps_per_epoch == 0:
-            log(
-                f"epoch {step // steps_per_epoch}/{cfg.epochs}: train loss "
-                f"{info['train_loss']:.4f}, val loss {v[0]:.4f}, val acc {v[1]:.3f}"
-            )
+        heartbeat.beat(step, force=True)
+        report(step, sched, cfg, metrics, v, log, progress)
 
-    flush(step)
+    steps.flush(step, metrics)
+    diverged_at = steps.diverged_at
     metrics.truncate_after(diverged_at if diverged_at is not None else step)
     metrics.flush()
-    beat(force=True)
-    outcome = "diverged" if diverged_at is not None else "completed"
+    heartbeat.beat(step, force=True)
     if diverged_at is not None:
         log(f"nan loss: run diverged at step {diverged_at}; metrics up to it are kept")
-    summary = summarize(cell, cfg, metrics, outcome, steps_per_epoch, total_steps)
+    outcome = DIVERGED if diverged_at is not None else COMPLETED
+    summary = summarize(cell, cfg, metrics, outcome, sched.steps_per_epoch, total)
     summary.update(
         wall_time_s=wall_before + time.monotonic() - t_start,
         attempts=attempts,
@@ -387,39 +390,44 @@ def train(
         diverged_at_step=diverged_at,
         n_params=sum(p.numel() for p in params),
     )
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / SUMMARY, summary)
     return summary
 
 
-def summarize(
-    cell: Cell,
-    cfg: TrainConfig,
-    metrics: MetricLog,
-    outcome: str,
-    steps_per_epoch: int,
-    total_steps: int,
-) -> dict:
-    """The run's summary: outcome, final and best metrics and its power-law fit."""
-    batch = metrics.frame("batch_metrics").rename(columns={"loss_nats": "loss"})
-    val = metrics.frame("val_metrics")
-    fit = fit_run(batch, val) if len(batch) else {}
-    last_val = val.iloc[-1] if len(val) else None
+def measure_noise(model, batches: BatchOrder, metrics: MetricLog, step: int, cfg) -> dict:
+    """Gradient noise at a validation point: micro-batch gradients and the loss signal."""
+    sched, data = batches.sched, batches.data
+    g = _generator(torch.device("cpu"), batches.cell.seed, step, 3)
+    picks = torch.randint(0, len(data.y_train), (cfg.noise_microbatches, sched.micro), generator=g)
+    picks = picks.to(batches.device)
+    xs = [batches.normalized(data.x_train[p]) for p in picks]
+    ys = [data.y_train[p] for p in picks]
+    recent = metrics.rows["batch_metrics"][-sched.noise_every :]
+    signal = np.array([r["loss_nats"] for r in recent])
+    tail, var, resid = monitors.grad_noise(model, xs, ys, signal)
     return {
-        **cell.as_dict(),
-        "profile": cfg.profile,
-        "outcome": outcome,
-        "steps": int(batch["step"].max()) if len(batch) else 0,
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "epochs": cfg.epochs,
-        "final_train_loss": float(batch["loss"].iloc[-1]) if len(batch) else None,
-        "final_val_loss": float(last_val["val_loss"]) if last_val is not None else None,
-        "final_val_accuracy": float(last_val["val_accuracy"]) if last_val is not None else None,
-        "best_val_ce": fit.get("best_val_ce"),
-        "best_val_epoch": fit.get("best_val_epoch"),
-        "r_squared": fit.get("r_squared"),
-        "knee_epoch": fit.get("knee_epoch"),
-        "val_per_epoch": cfg.val_per_epoch,
-        "hessian_every": cfg.hessian_every,
-        "noise_every_epochs": cfg.noise_every_epochs,
+        "step": step,
+        "epoch": sched.epoch(step),
+        "psd_tail_ratio": tail,
+        "grad_variance": var,
+        "residual_power": resid,
     }
+
+
+def report(step, sched: Schedule, cfg, metrics: MetricLog, v: list, log, progress) -> None:
+    """Progress to the caller (Pipes) at each checkpoint; a log line once per epoch."""
+    info = {
+        "step": step,
+        "total_steps": sched.total_steps,
+        "epoch": sched.epoch(step),
+        "train_loss": metrics.rows["batch_metrics"][-1]["loss_nats"],
+        "val_loss": v[0],
+        "val_accuracy": v[1],
+    }
+    if progress:
+        progress(info)
+    if step % sched.steps_per_epoch == 0:
+        log(
+            f"epoch {step // sched.steps_per_epoch}/{cfg.epochs}: train loss "
+            f"{info['train_loss']:.4f}, val loss {v[0]:.4f}, val acc {v[1]:.3f}"
+        )

@@ -18,7 +18,7 @@ from deconflow.sweep import Cell, GridError
 class TrainConfig:
     """Everything a run needs besides its cell. Frequencies default to SPEC section 3."""
 
-    profile: str = "full"
+    profile: str = "custom"  # the PROFILES entry these sizes came from; the defaults are `full`
     dataset: str = "cifar10"  # cifar10 | digits | synthetic
     data_dir: str = "data/cifar-10-batches-py"
     n_train: int | None = None  # cap on training examples (None: all)
@@ -47,7 +47,7 @@ class TrainConfig:
     channels_last: bool = False
     bf16: bool = False
     compile: bool = False
-    # Fault injection for reliability tests: "nan@STEP", "oom@STEP", "crash@STEP", "sleep@STEP".
+    # Fault injection for reliability tests: "nan@STEP", "oom@STEP", "crash@STEP", "hang@STEP".
     fault: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -1,0 +1,148 @@
+"""The run protocol: the one owner of every name that two parts of deconflow share.
+
+Run tags on Dagster runs, file names inside a run's work and published folders, metric
+families and their columns, the cell-status vocabulary, the Dagster-run-status -> cell
+status map, and partition key <-> cell conversion. Nothing else spells these literals.
+
+No Dagster, no torch: the training process, the orchestrator and the warehouse all import it.
+"""
+
+from __future__ import annotations
+
+from deconflow.sweep import Cell, parse_key
+
+# --- run tags ---------------------------------------------------------------------------
+SWEEP_TAG = "deconflow/sweep"  # the grid's name: every training run of a sweep carries it
+CELL_TAG = "deconflow/cell"  # the cell key of a training run
+RESUME_TAG = "deconflow/resume"  # "true": continue from the latest checkpoint
+GRAD_ACCUM_TAG = "deconflow/grad_accum"  # out-of-memory retries keep the effective batch
+ATTEMPT_TAG = "deconflow/attempt"  # a retry's Dagster-run number for its cell (shown in the UI)
+RETRY_OF_TAG = "deconflow/retry_of"  # the failed run a sensor retry follows
+# The class that caused this retry. Not FAILURE_CLASS_TAG: that tag names the failure of the
+# run that carries it, and a successful retry must not look failed in the tables.
+RETRY_CLASS_TAG = "deconflow/retry_class"
+FAILURE_CLASS_TAG = "deconflow/failure_class"
+FAILURE_REASON_TAG = "deconflow/failure_reason"
+STUCK_TAG = "deconflow/stuck"  # set by the watchdog on a run whose job it cancelled as stuck
+ALERT_TAG = "deconflow/alert"
+SLURM_JOB_TAG = "deconflow/slurm_job_id"
+SLURM_STATE_TAG = "deconflow/slurm_state"
+PID_TAG = "deconflow/pid"  # a local training process (its process group)
+LAUNCHED_BY_TAG = "deconflow/launched_by"  # which command created the run
+PARTITION_TAG = "dagster/partition"  # Dagster's own tag on partitioned runs
+
+# --- files in a run's work folder (and, for RUN_FILES, its published folder) --------------
+SUMMARY = "summary.json"  # written last by a run that ended (completed or diverged)
+HEARTBEAT = "heartbeat.json"  # step, epoch, time, pid; rewritten every few seconds
+TRAIN_LOG = "train.log"  # the training process's stdout and stderr
+CHECKPOINT_DIR = "checkpoints"
+LATEST_CHECKPOINT = "latest.pt"
+BEST_INDEX = "best.json"
+PIPES_DIR = ".pipes"
+PIPES_CONTEXT = "context.json"
+PIPES_MESSAGES = "messages.jsonl"
+SLURM_DIR = "slurm"  # job.sh, job_id, job.json of the SLURM attempt
+SLURM_SCRIPT = "job.sh"
+SLURM_JOB_ID = "job_id"
+SLURM_JOB_INFO = "job.json"
+
+# Metric families: one Parquet file each, keyed by run_id and step (SPEC section 3).
+FAMILIES: dict[str, list[str]] = {
+    "batch_metrics": ["step", "epoch", "loss_nats", "loss_bits", "accuracy", "lr", "weight_decay"],
+    "val_metrics": ["step", "epoch", "val_loss", "val_accuracy", "grad_norm", "weight_norm"],
+    "curvature_metrics": ["step", "epoch", "lambda_max", "hessian_trace"],
+    "noise_metrics": ["step", "epoch", "psd_tail_ratio", "grad_variance", "residual_power"],
+}
+
+
+def family_file(family: str) -> str:
+    return f"{family}.parquet"
+
+
+METRIC_FILE_GLOB = "*_metrics.parquet"
+RUN_FILES = [family_file(f) for f in FAMILIES] + [SUMMARY, TRAIN_LOG]  # what publishing copies
+
+# summary.json fields put on a training_run materialization (by Pipes, or rebuilt from it).
+METADATA_FIELDS = (
+    "outcome",
+    "steps",
+    "total_steps",
+    "wall_time_s",
+    "final_train_loss",
+    "final_val_loss",
+    "final_val_accuracy",
+    "best_val_ce",
+    "best_val_epoch",
+    "r_squared",
+    "knee_epoch",
+    "attempts",
+    "grad_accum",
+    "device",
+    "diverged_at_step",
+)
+
+# --- run outcomes (summary.json "outcome") ------------------------------------------------
+COMPLETED, DIVERGED = "completed", "diverged"
+
+# --- cell statuses (the runs and completeness tables) -------------------------------------
+MATERIALIZED, RUNNING, FAILED, MISSING = "materialized", "running", "failed", "missing"
+CELL_STATUSES = (MATERIALIZED, DIVERGED, RUNNING, FAILED, MISSING)
+
+# --- Dagster run status -> run state, the single map (keyed by DagsterRunStatus.value) ---
+QUEUED, CANCELLED, SUCCEEDED = "queued", "cancelled", "succeeded"
+RUN_STATES: dict[str, str] = {
+    "QUEUED": QUEUED,
+    "NOT_STARTED": QUEUED,
+    "STARTING": RUNNING,
+    "STARTED": RUNNING,
+    "CANCELING": RUNNING,
+    "FAILURE": FAILED,
+    "CANCELED": CANCELLED,
+    "SUCCESS": SUCCEEDED,
+}
+IN_PROGRESS_STATES = (QUEUED, RUNNING)
+
+
+def run_state(status) -> str:
+    """The run state of a ``DagsterRunStatus`` (or its value); unknown ones count as running."""
+    return RUN_STATES.get(getattr(status, "value", status), RUNNING)
+
+
+def cell_state(status) -> str:
+    """A cell's status from its latest run alone: running | failed | succeeded."""
+    state = run_state(status)
+    if state in IN_PROGRESS_STATES:
+        return RUNNING
+    return FAILED if state in (FAILED, CANCELLED) else SUCCEEDED
+
+
+# --- partition keys ---------------------------------------------------------------------
+VARIANT_DIM, HP_DIM = "variant", "hp"
+
+
+def partition_key_str(cell: Cell) -> str:
+    """The string form of a cell's multi-partition key (``hp|variant``, Dagster's order)."""
+    return f"{cell.hp}|{cell.variant}"
+
+
+def cell_of_dims(dims: dict[str, str]) -> Cell:
+    return parse_key(f"{dims[VARIANT_DIM]}__{dims[HP_DIM]}")
+
+
+def cell_of_partition(key: str) -> Cell:
+    """The cell of a partition key string ``hp|variant``; GridError if it names none."""
+    hp, _, variant = str(key).partition("|")
+    return cell_of_dims({HP_DIM: hp, VARIANT_DIM: variant})
+
+
+def cell_key_of_tags(tags: dict[str, str]) -> str | None:
+    """The cell a run belongs to: its cell tag, else its partition tag; None if neither."""
+    if tags.get(CELL_TAG):
+        return tags[CELL_TAG]
+    key = tags.get(PARTITION_TAG)
+    if not key or "|" not in key:
+        return None
+    try:
+        return cell_of_partition(key).key
+    except ValueError:
+        return None

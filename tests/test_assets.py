@@ -11,7 +11,7 @@ import pytest
 
 from deconflow.partitions import cell_for, partition_key, partitions_def
 from deconflow.sweep import Cell, grid_from_dict, load_grid
-from tests.conftest import asset, data_path, downstream, make_defs
+from tests.helpers import asset, data_path, downstream, make_defs
 
 OK = [Cell("base", 0.1, 1e-3, 0), Cell("adamw", 0.05, 1e-4, 1)]
 DIVERGED = Cell("bn_off", 0.2, 1e-2, 2)

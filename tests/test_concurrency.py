@@ -12,7 +12,7 @@ import dagster as dg
 from deconflow.partitions import partition_key
 from deconflow.status import run_sql
 from deconflow.sweep import Cell
-from tests.conftest import asset, data_path, downstream, make_defs
+from tests.helpers import asset, data_path, downstream, make_defs
 
 CELLS = [Cell(v, 0.1, 1e-3, 5) for v in ("base", "bn_off", "narrow", "adamw")]
 

@@ -64,9 +64,15 @@ def materialize(
     tags: dict | None = None,
 ) -> dict:
     """Materialize one training_run partition through SLURM; a JSON-able summary of the run."""
-    os.environ["DECONFLOW_DATA"] = str(data)
-    instance = dg.DagsterInstance.ephemeral()
-    res = dg.materialize(
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DECONFLOW_DATA", str(data))
+        instance = dg.DagsterInstance.ephemeral()
+        res = _materialize(instance, slurm, overrides, hp, tags)
+    return _summarize(instance, res)
+
+
+def _materialize(instance, slurm: dict, overrides: dict, hp: str, tags: dict | None):
+    return dg.materialize(
         [build_training_run(load_grid())],
         partition_key=dg.MultiPartitionKey({"variant": "base", "hp": hp}),
         resources={
@@ -77,6 +83,9 @@ def materialize(
         tags=tags,
         raise_on_error=False,
     )
+
+
+def _summarize(instance, res) -> dict:
     out: dict = {"success": res.success, "metadata": {}, "failure": None}
     for ev in res.get_asset_materialization_events():
         md = ev.materialization.metadata
@@ -182,17 +191,12 @@ def heartbeat_step(work: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def slurm_cluster() -> cluster.ClusterInfo:
+def slurm_cluster():
     # Resolve the state dir before any test points DECONFLOW_DATA elsewhere.
     info = cluster.up(cluster.default_state_dir())
-    os.environ["SLURM_CONF"] = str(info.slurm_conf)
-    return info
-
-
-@pytest.fixture(autouse=True)
-def _restore_data_env(monkeypatch):
-    """materialize() sets DECONFLOW_DATA; monkeypatch puts the old value back."""
-    monkeypatch.setenv("DECONFLOW_DATA", os.environ.get("DECONFLOW_DATA", "data"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(info.slurm_conf))
+        yield info
 
 
 def slurm_config(info: cluster.ClusterInfo, prefix: str, **kw) -> dict:

@@ -15,7 +15,7 @@ import requests
 
 from deconflow.partitions import partition_key
 from deconflow.sweep import Cell
-from tests.conftest import asset, make_defs
+from tests.helpers import asset, make_defs
 
 REPO = Path(__file__).resolve().parents[1]
 

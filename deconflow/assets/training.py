@@ -37,7 +37,7 @@ def build_training_run(grid: Grid) -> dg.AssetsDefinition:
     ):
         cell = cell_for(context.partition_key)
         tags = context.run.tags
-        context.instance.add_run_tags(context.run_id, {SWEEP_TAG: grid.name, CELL_TAG: cell.key})
+        context.instance.add_run_tags(context.run.run_id, {SWEEP_TAG: grid.name, CELL_TAG: cell.key})
         overrides = sweep.overrides()
         if GRAD_ACCUM_TAG in tags:
             overrides["grad_accum"] = int(tags[GRAD_ACCUM_TAG])

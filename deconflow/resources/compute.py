@@ -135,12 +135,12 @@ class ComputeResource(dg.ConfigurableResource):
                 self.cancel(context, handle)
                 raise
         if outcome.tags:
-            context.instance.add_run_tags(context.run_id, outcome.tags)
+            context.instance.add_run_tags(context.run.run_id, outcome.tags)
         if not outcome.ok:
             tail = log_tail(work / TRAIN_LOG)
             cls = outcome.failure_class or classify_log(tail) or UNKNOWN
             context.instance.add_run_tags(
-                context.run_id,
+                context.run.run_id,
                 {FAILURE_CLASS_TAG: cls, FAILURE_REASON_TAG: outcome.message[:200]},
             )
             context.log.error(f"last lines of {work / TRAIN_LOG}:\n{tail}")
@@ -168,7 +168,7 @@ class LocalProcessResource(ComputeResource):
         )
         log.close()
         context.log.info(f"started {cell.key} as local process {proc.pid}")
-        context.instance.add_run_tags(context.run_id, {PID_TAG: str(proc.pid)})
+        context.instance.add_run_tags(context.run.run_id, {PID_TAG: str(proc.pid)})
         return proc
 
     def wait(self, context, cell, handle, work):

@@ -1,0 +1,40 @@
+"""Shared test helpers (a plain module; fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+
+# Small demo runs: 4 epochs of 11 steps, every monitor still fires.
+SMALL = {"epochs": 4}
+
+
+def make_defs(**overrides):
+    from deconflow.definitions import build_definitions
+    from deconflow.resources import LocalProcessResource, SweepSettings
+
+    return build_definitions(
+        resources={
+            "compute": LocalProcessResource(),
+            "sweep": SweepSettings(
+                profile="demo", overrides_json=json.dumps({**SMALL, **overrides})
+            ),
+        }
+    )
+
+
+def asset(defs: dg.Definitions, name: str) -> dg.AssetsDefinition:
+    return defs.get_repository_def().assets_defs_by_key[dg.AssetKey(name)]
+
+
+def downstream(defs: dg.Definitions) -> list:
+    repo = defs.get_repository_def()
+    assets = [a for k, a in repo.assets_defs_by_key.items() if k.to_user_string() != "training_run"]
+    return assets + list(repo.asset_checks_defs_by_key.values())
+
+
+def data_path(*parts: str) -> Path:
+    return Path(os.environ["DECONFLOW_DATA"]).joinpath(*parts)

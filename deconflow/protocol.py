@@ -28,19 +28,26 @@ ALERT_TAG = "deconflow/alert"
 SLURM_JOB_TAG = "deconflow/slurm_job_id"
 SLURM_STATE_TAG = "deconflow/slurm_state"
 PID_TAG = "deconflow/pid"  # a local training process (its process group)
+WORKER_TAG = "deconflow/worker"  # host:pid:start of the process waiting on the training
 LAUNCHED_BY_TAG = "deconflow/launched_by"  # which command created the run
 PARTITION_TAG = "dagster/partition"  # Dagster's own tag on partitioned runs
+KIND_TAG = "deconflow/kind"  # what a run does: ANALYSIS_KIND for the analysis refreshes
+ANALYSIS_KIND = "analysis"  # runs of the analysis assets (never queued behind training runs)
 
 # --- files in a run's work folder (and, for RUN_FILES, its published folder) --------------
 SUMMARY = "summary.json"  # written last by a run that ended (completed or diverged)
+LEARNING_CURVE = "learning_curve.png"  # the run's picture, drawn by the training process
 HEARTBEAT = "heartbeat.json"  # step, epoch, time, pid; rewritten every few seconds
 TRAIN_LOG = "train.log"  # the training process's stdout and stderr
+LOCAL_PROCESS = "local_process.json"  # pid and identity of a local training process
 CHECKPOINT_DIR = "checkpoints"
 LATEST_CHECKPOINT = "latest.pt"
+PREV_CHECKPOINT = "latest.prev.pt"  # the latest before the current one: the resume fallback
 BEST_INDEX = "best.json"
 PIPES_DIR = ".pipes"
 PIPES_CONTEXT = "context.json"
 PIPES_MESSAGES = "messages.jsonl"
+LOCK_DIR = ".locks"  # under the work root: one lock file per cell (one attempt at a time)
 SLURM_DIR = "slurm"  # job.sh, job_id, job.json of the SLURM attempt
 SLURM_SCRIPT = "job.sh"
 SLURM_JOB_ID = "job_id"
@@ -60,7 +67,8 @@ def family_file(family: str) -> str:
 
 
 METRIC_FILE_GLOB = "*_metrics.parquet"
-RUN_FILES = [family_file(f) for f in FAMILIES] + [SUMMARY, TRAIN_LOG]  # what publishing copies
+# what publishing copies
+RUN_FILES = [family_file(f) for f in FAMILIES] + [SUMMARY, TRAIN_LOG, LEARNING_CURVE]
 
 # summary.json fields put on a training_run materialization (by Pipes, or rebuilt from it).
 METADATA_FIELDS = (

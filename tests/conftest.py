@@ -30,3 +30,25 @@ def sweep_env(tmp_path_factory, request):
 
         ensure_dagster_home()
         yield root / "data"
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The local PostgreSQL server (Debian's package), started once for the session."""
+    from deconflow_dev import postgres
+
+    return postgres.up(postgres.default_state_dir())
+
+
+@pytest.fixture
+def pg_dagster_home(postgres_server, tmp_path, monkeypatch):
+    """A Dagster home whose instance lives in a fresh PostgreSQL database (production storage)."""
+    import uuid
+
+    from deconflow.instance import ensure_dagster_home
+    from deconflow_dev import postgres
+
+    url = postgres.reset_database(postgres_server, f"dcf_test_{uuid.uuid4().hex[:8]}")
+    monkeypatch.setenv("DECONFLOW_PG_URL", url)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    return ensure_dagster_home()

@@ -4,10 +4,13 @@ import shutil
 
 import dagster as dg
 
+from deconflow.assets.run_metadata import learning_curve_metadata, public_run_metadata
+from deconflow.attempt_lock import AttemptInProgress, attempt_lock
 from deconflow.partitions import cell_for, partitions_def
 from deconflow.protocol import (
     CELL_TAG,
     GRAD_ACCUM_TAG,
+    LOCK_DIR,
     RESUME_TAG,
     SLURM_DIR,
     SLURM_JOB_ID,
@@ -21,6 +24,17 @@ from deconflow.sweep import Grid
 from deconflow.warehouse import publish_run
 
 
+def _attempt(context, compute: ComputeResource, sweep: SweepSettings, cell, work, overrides):
+    """One attempt, under the partition's lock: keep the work folder for a resume or a live
+    training (re-attach), else start from a clean one."""
+    fresh = context.run.tags.get(RESUME_TAG) != "true"
+    if fresh and work.exists() and not compute.has_live_attempt(cell, work):
+        context.log.info(f"fresh attempt: clearing {work}")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    return compute.train_cell(context, cell, sweep.profile, overrides, work)
+
+
 def build_training_run(grid: Grid) -> dg.AssetsDefinition:
     @dg.asset(
         name="training_run",
@@ -29,7 +43,8 @@ def build_training_run(grid: Grid) -> dg.AssetsDefinition:
         kinds={"pytorch"},
         description=(
             "One ResNet-18 training of a grid cell (variant x lr x weight decay x seed). "
-            "Metrics land as Parquet in data/runs/<cell key>/; a diverged run is a result."
+            "Metrics land as Parquet in `data/runs/<cell key>/`; a diverged run is a result. "
+            "Each materialization shows the run's learning curve."
         ),
     )
     def training_run(
@@ -37,27 +52,31 @@ def build_training_run(grid: Grid) -> dg.AssetsDefinition:
     ):
         cell = cell_for(context.partition_key)
         tags = context.run.tags
-        context.instance.add_run_tags(context.run.run_id, {SWEEP_TAG: grid.name, CELL_TAG: cell.key})
+        context.instance.add_run_tags(
+            context.run.run_id, {SWEEP_TAG: grid.name, CELL_TAG: cell.key}
+        )
         overrides = sweep.overrides()
         if GRAD_ACCUM_TAG in tags:
             overrides["grad_accum"] = int(tags[GRAD_ACCUM_TAG])
         work = work_dir() / cell.key
-        fresh = tags.get(RESUME_TAG) != "true"
-        if fresh and work.exists() and not compute.has_live_attempt(cell, work):
-            context.log.info(f"fresh attempt: clearing {work}")
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        results = compute.train_cell(context, cell, sweep.profile, overrides, work)
+        try:
+            with attempt_lock(work_dir() / LOCK_DIR, cell.key, context.run.run_id):
+                results = _attempt(context, compute, sweep, cell, work, overrides)
+        except AttemptInProgress as e:
+            raise dg.Failure(str(e)) from None
         if not (work / SUMMARY).exists():
             raise dg.Failure(f"training of {cell.key} ended without a {SUMMARY} in {work}")
         published = publish_run(work, runs_dir())
         extra = {"run_dir": dg.MetadataValue.path(str(published)), "cell": cell.key}
+        extra.update(learning_curve_metadata(published))
         job_id = work / SLURM_DIR / SLURM_JOB_ID
         if job_id.exists():
             extra["slurm_job_id"] = job_id.read_text().strip()
         mats = [r for r in results if isinstance(r, dg.MaterializeResult)]
         if not mats:
             raise dg.Failure(f"training of {cell.key} reported no materialization")
-        return dg.MaterializeResult(metadata={**(mats[-1].metadata or {}), **extra})
+        return dg.MaterializeResult(
+            metadata=public_run_metadata({**(mats[-1].metadata or {}), **extra})
+        )
 
     return training_run

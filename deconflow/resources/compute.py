@@ -10,6 +10,7 @@ the shared filesystem, and a partition looks the same in the UI wherever it ran.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -24,15 +25,27 @@ import dagster as dg
 from dagster import PipesFileMessageReader, open_pipes_session
 from dagster._core.pipes.utils import PipesFileContextInjector
 
-from deconflow.failures import UNKNOWN, classify_log
+from deconflow import procs
+from deconflow.atomic import atomic_write_json
+from deconflow.failures import (
+    ORCHESTRATOR_LOST,
+    UNKNOWN,
+    classify_log,
+    classify_returncode,
+    failure_line,
+)
 from deconflow.protocol import (
     FAILURE_CLASS_TAG,
     FAILURE_REASON_TAG,
+    LOCAL_PROCESS,
+    METADATA_FIELDS,
     PID_TAG,
     PIPES_CONTEXT,
     PIPES_DIR,
     PIPES_MESSAGES,
+    SUMMARY,
     TRAIN_LOG,
+    WORKER_TAG,
 )
 from deconflow.sweep import Cell
 
@@ -62,6 +75,17 @@ class Outcome:
 
 class TrainingFailed(dg.Failure):
     """A training process ended badly; carries its class for the sensors."""
+
+
+def summary_metadata(summary: dict, work: Path) -> dict:
+    """The materialization metadata the training process would have sent (run.py's fields)."""
+    meta = {}
+    for k in METADATA_FIELDS:
+        v = summary.get(k)
+        if v is not None and not (isinstance(v, float) and not math.isfinite(v)):
+            meta[k] = v
+    meta["run_dir"] = str(work)
+    return meta
 
 
 class ComputeResource(dg.ConfigurableResource):
@@ -105,6 +129,28 @@ class ComputeResource(dg.ConfigurableResource):
         The watchdog calls it for a stuck run, from another process than the run's own.
         """
 
+    def _interrupted(self, context, cell: Cell, handle: Any) -> None:
+        """The wait was interrupted. Only an explicit terminate (the run is CANCELING, from the
+        UI or CLI) cancels the training; an orchestrator that stops or restarts leaves it
+        running, and the next attempt of the partition re-attaches to it."""
+        run = context.instance.get_run_by_id(context.run.run_id)
+        if run is not None and run.status == dg.DagsterRunStatus.CANCELING:
+            context.log.warning(f"run terminated: cancelling the training of {cell.key}")
+            self.cancel(context, handle)
+            return
+        reason = (
+            f"run worker interrupted (orchestrator stopping?); the training of {cell.key} "
+            "keeps running and the next attempt re-attaches to it"
+        )
+        context.log.warning(reason)
+        try:
+            context.instance.add_run_tags(
+                context.run.run_id,
+                {FAILURE_CLASS_TAG: ORCHESTRATOR_LOST, FAILURE_REASON_TAG: reason[:200]},
+            )
+        except Exception:  # the instance may be going away with the orchestrator
+            pass
+
     def train_cell(
         self,
         context: dg.AssetExecutionContext,
@@ -114,6 +160,9 @@ class ComputeResource(dg.ConfigurableResource):
         work: Path,
     ) -> list:
         """Run the cell to its end; returns the Pipes results (the materialization)."""
+        # Which process waits on this run: the watchdog fails the run if it dies.
+        context.instance.add_run_tags(context.run.run_id, {WORKER_TAG: procs.identity()})
+        attempt_started = time.time() - 1.0
         pipes_dir = work / PIPES_DIR
         pipes_dir.mkdir(parents=True, exist_ok=True)
         for f in pipes_dir.iterdir():
@@ -130,34 +179,89 @@ class ComputeResource(dg.ConfigurableResource):
             try:
                 outcome = self.wait(context, cell, handle, work)
             except BaseException:
-                # The Dagster run was terminated (or the orchestrator is shutting down).
-                context.log.warning(f"cancelling the training of {cell.key}")
-                self.cancel(context, handle)
+                self._interrupted(context, cell, handle)
                 raise
         if outcome.tags:
             context.instance.add_run_tags(context.run.run_id, outcome.tags)
         if not outcome.ok:
             tail = log_tail(work / TRAIN_LOG)
             cls = outcome.failure_class or classify_log(tail) or UNKNOWN
+            # The stored reason is the cause's line from the log (the exception line, SLURM's
+            # "DUE TO TIME LIMIT"), else how the process ended ("killed by signal SIGKILL").
+            reason = failure_line(tail) or outcome.message
             context.instance.add_run_tags(
                 context.run.run_id,
-                {FAILURE_CLASS_TAG: cls, FAILURE_REASON_TAG: outcome.message[:200]},
+                {FAILURE_CLASS_TAG: cls, FAILURE_REASON_TAG: reason[:250]},
             )
             context.log.error(f"last lines of {work / TRAIN_LOG}:\n{tail}")
             raise TrainingFailed(
                 description=f"training of {cell.key} failed [{cls}]: {outcome.message}\n{tail}",
                 metadata={"failure_class": cls, "log_tail": tail, **outcome.tags},
             )
-        return list(session.get_results())
+        results = list(session.get_results())
+        if not any(isinstance(r, dg.MaterializeResult) for r in results):
+            # A re-attached training may have reported before this run listened.
+            summary = work / SUMMARY
+            if summary.exists() and summary.stat().st_mtime >= attempt_started:
+                context.log.warning(f"no materialization came through Pipes; using {summary}")
+                meta = summary_metadata(json.loads(summary.read_text()), work)
+                results.append(dg.MaterializeResult(metadata=meta))
+        return results
+
+
+@dataclass
+class AdoptedProcess:
+    """A live training process of this cell left by an earlier run worker: waited on by pid."""
+
+    pid: int
+    ident: str
+    work: Path
+    adopted_at: float = field(default_factory=time.time)
+    returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not procs.alive(self.ident):
+            # Not our child: its exit status is lost. It ended well if it wrote its summary.
+            summary = self.work / SUMMARY
+            self.returncode = 0 if summary.exists() else 1
+        return self.returncode
 
 
 class LocalProcessResource(ComputeResource):
-    """A subprocess per run on this machine: the default, nothing else to install."""
+    """A subprocess per run on this machine: the default, nothing else to install.
+
+    The process runs in its own session, so stopping the orchestrator (Ctrl-C, SIGTERM) does
+    not stop it; ``local_process.json`` in the work folder names it, and the next attempt of
+    the partition re-attaches to it instead of starting a second one.
+    """
 
     torch_threads: int = 1  # keep several concurrent runs from fighting over cores
     poll_interval_s: float = 0.5
 
+    def live_process(self, work: Path) -> tuple[int, str] | None:
+        """(pid, identity) of this work folder's training process if it still runs."""
+        try:
+            rec = json.loads((work / LOCAL_PROCESS).read_text())
+            pid, ident = int(rec["pid"]), str(rec["identity"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if procs.alive(ident) and TRAINING_MODULE.encode() in procs.cmdline(pid):
+            return pid, ident
+        return None
+
+    def has_live_attempt(self, cell: Cell, work: Path) -> bool:
+        return self.live_process(Path(work)) is not None
+
     def launch(self, context, cell, cmd, env, work):
+        live = self.live_process(work)
+        if live is not None:
+            pid, ident = live
+            context.log.warning(
+                f"re-attached to the running training process {pid} of {cell.key} "
+                "instead of starting a second one"
+            )
+            context.instance.add_run_tags(context.run.run_id, {PID_TAG: str(pid)})
+            return AdoptedProcess(pid, ident, work)
         log = open(work / TRAIN_LOG, "ab")
         proc = subprocess.Popen(
             cmd,
@@ -167,6 +271,9 @@ class LocalProcessResource(ComputeResource):
             start_new_session=True,
         )
         log.close()
+        atomic_write_json(
+            work / LOCAL_PROCESS, {"pid": proc.pid, "identity": procs.identity(proc.pid)}
+        )
         context.log.info(f"started {cell.key} as local process {proc.pid}")
         context.instance.add_run_tags(context.run.run_id, {PID_TAG: str(proc.pid)})
         return proc
@@ -177,17 +284,20 @@ class LocalProcessResource(ComputeResource):
         rc = handle.returncode
         if rc == 0:
             return Outcome(ok=True)
-        why = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-        cls = classify_log(log_tail(work / TRAIN_LOG))
-        return Outcome(ok=False, failure_class=cls, message=f"process ended with {why}")
+        cls, why = classify_returncode(rc, log_tail(work / TRAIN_LOG))
+        if not isinstance(handle, subprocess.Popen):  # re-attached: its exit status is lost
+            why = f"re-attached training process {handle.pid} ended without its {SUMMARY}"
+        return Outcome(ok=False, failure_class=cls, message=why)
 
     def cancel(self, context, handle):
+        if handle.poll() is not None:
+            return
+        os.killpg(handle.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while handle.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
         if handle.poll() is None:
-            os.killpg(handle.pid, signal.SIGTERM)
-            try:
-                handle.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(handle.pid, signal.SIGKILL)
+            os.killpg(handle.pid, signal.SIGKILL)
 
     def cancel_run_job(self, tags: dict[str, str]) -> str:
         """SIGKILL the run's process group (SIGTERM would never reach a SIGSTOPped process).
@@ -197,9 +307,8 @@ class LocalProcessResource(ComputeResource):
         pid = tags.get(PID_TAG)
         if not pid or not pid.isdigit():
             return "no pid tag: nothing to cancel"
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
+        cmdline = procs.cmdline(int(pid))
+        if not cmdline:
             return f"process {pid} is gone"
         if TRAINING_MODULE.encode() not in cmdline:
             return f"pid {pid} is not a training process any more; not killed"

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -45,9 +45,15 @@ from typing import Any
 import dagster as dg
 
 from deconflow.atomic import atomic_write_text
-from deconflow.failures import TIMEOUT, UNKNOWN, classify_slurm_state
+from deconflow.failures import (
+    KILLED_BY_SIGNAL,
+    SUBMIT_REJECTED,
+    TIMEOUT,
+    UNKNOWN,
+    classify_slurm_state,
+    signal_name,
+)
 from deconflow.protocol import (
-    METADATA_FIELDS,
     PIPES_DIR,
     PIPES_MESSAGES,
     SLURM_DIR,
@@ -59,7 +65,13 @@ from deconflow.protocol import (
     SUMMARY,
     TRAIN_LOG,
 )
-from deconflow.resources.compute import ComputeResource, Outcome, log_tail
+from deconflow.resources.compute import (
+    ComputeResource,
+    Outcome,
+    TrainingFailed,
+    log_tail,
+    summary_metadata,
+)
 from deconflow.slurm import commands
 from deconflow.slurm.commands import SlurmError, flock
 from deconflow.slurm.poller import JobState, SlurmPoller, get_poller
@@ -194,8 +206,22 @@ class SlurmResource(ComputeResource):
         return bool(self.find_live_job(self.job_name(cell), Path(work)))
 
     def submit(self, script: Path) -> str:
-        """``sbatch --parsable``; returns the job id."""
-        return commands.submit(script, self.client_env())
+        """``sbatch --parsable``; returns the job id.
+
+        A refusal (invalid partition, account, QOS, gres...) fails the run as
+        ``submit_rejected`` with SLURM's own message: the watchdog alerts rather than
+        resubmitting the same script. A controller that does not answer is not a refusal.
+        """
+        try:
+            return commands.submit(script, self.client_env())
+        except SlurmError as e:
+            msg = str(e)
+            if _TRANSIENT_SUBMIT.search(msg):
+                raise
+            raise SubmitRejected(
+                description=f"{SUBMIT_REJECTED}: sbatch refused the job: {msg}",
+                metadata={"failure_class": SUBMIT_REJECTED, "sbatch_error": msg},
+            ) from None
 
     def launch(self, context, cell, cmd, env, work) -> SlurmJob:
         """Adopt this partition's live job if there is one, else submit a new one."""
@@ -266,6 +292,16 @@ class SlurmResource(ComputeResource):
         if cls is None:
             context.log.info(f"SLURM job {job.job_id} ended {st.base_state}")
             return Outcome(ok=True, tags=tags)
+        signum = _exit_signal(st)
+        if cls == UNKNOWN and signum and not _exited_on_usr1(st):
+            cls = KILLED_BY_SIGNAL
+            return Outcome(
+                ok=False,
+                failure_class=cls,
+                message=f"SLURM job {job.job_id} ended {st.base_state} (training process "
+                f"killed by signal {signal_name(signum)})",
+                tags=tags,
+            )
         if st.base_state == "TIMEOUT":
             detail = f"time limit {self.time_limit or 'of the partition'}"
         elif st.base_state == "FAILED" and self.signal_before_s and _exited_on_usr1(st):
@@ -377,22 +413,31 @@ def _training_finished(work: Path, job: SlurmJob) -> bool:
         return False
 
 
+class SubmitRejected(TrainingFailed):
+    """sbatch refused the job; the description carries SLURM's message."""
+
+
+# sbatch errors that say nothing about the job itself: the controller did not answer.
+_TRANSIENT_SUBMIT = re.compile(
+    r"Socket timed out|Unable to contact slurm controller|Connection refused|Zero Bytes were "
+    r"transmitted|Resource temporarily unavailable|did not answer within|not found: is SLURM",
+    re.IGNORECASE,
+)
+
+
+def _exit_signal(st: JobState) -> int:
+    """The signal in a job's ``<status>:<signal>`` exit code (0 if none)."""
+    _, _, sig = (st.exit_code or "").partition(":")
+    if sig.isdigit() and int(sig):
+        return int(sig)
+    return 0
+
+
 def _exited_on_usr1(st: JobState) -> bool:
     """The training's USR1 handler exits 128+USR1 (138). scontrol shows ``138:0``; SLURM
     22.05's sacct shows such an exit as ``10:0``, and our training never exits 10 itself."""
     status = st.exit_code.split(":")[0]
     return status == str(USR1_EXIT) or (st.source == "sacct" and status == str(USR1_EXIT - 128))
-
-
-def summary_metadata(summary: dict, work: Path) -> dict:
-    """The materialization metadata the training process would have sent (run.py's fields)."""
-    meta = {}
-    for k in METADATA_FIELDS:
-        v = summary.get(k)
-        if v is not None and not (isinstance(v, float) and not math.isfinite(v)):
-            meta[k] = v
-    meta["run_dir"] = str(work)
-    return meta
 
 
 def _add_tags(context, tags: dict[str, str]) -> None:

@@ -16,6 +16,7 @@ from deconflow.failures import (
     DIVERGED,
     NODE_FAIL,
     OOM,
+    ORCHESTRATOR_LOST,
     PREEMPTED,
     STUCK,
     TIMEOUT,
@@ -42,7 +43,7 @@ from deconflow.protocol import (
 )
 
 # Classes that resume from the latest checkpoint: the work done so far is sound.
-RESUME_CLASSES = frozenset({TIMEOUT, NODE_FAIL, PREEMPTED, STUCK, CANCELLED})
+RESUME_CLASSES = frozenset({TIMEOUT, NODE_FAIL, PREEMPTED, STUCK, CANCELLED, ORCHESTRATOR_LOST})
 USER_CANCELLED = "user_cancelled"  # the Dagster run was terminated by a person: never retried
 
 

@@ -14,15 +14,19 @@ echo "setup: installing deconflow and its dependencies"
 "$PY" -m pip install -q -e ".[dev]"
 
 if [ "${1:-}" = "--slurm" ]; then
+  # What the tests start for real: a one-node SLURM cluster (slurm-wlm, munge, slurmdbd,
+  # MariaDB), a PostgreSQL server for the production Dagster instance, and Chromium for the
+  # tests that look at the sweep report as a user does.
   if ! command -v slurmctld >/dev/null || ! command -v slurmdbd >/dev/null \
-     || ! command -v munged >/dev/null || ! command -v mariadbd >/dev/null; then
+     || ! command -v munged >/dev/null || ! command -v mariadbd >/dev/null \
+     || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v chromium >/dev/null; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "setup: installing slurm-wlm, munge, slurmdbd, mariadb-server (Debian packages)"
+      echo "setup: installing slurm-wlm, munge, slurmdbd, mariadb-server, postgresql, chromium"
       apt-get update -qq
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-        slurm-wlm munge slurmdbd mariadb-server >/dev/null
+        slurm-wlm munge slurmdbd mariadb-server postgresql chromium >/dev/null
     else
-      echo "setup: SLURM packages missing and not root with apt-get; SLURM tests will skip" >&2
+      echo "setup: system packages missing and not root with apt-get; their tests fail" >&2
     fi
   fi
 fi

@@ -1,0 +1,437 @@
+"""The users' real job at small scale: a whole-grid backfill through SLURM, with the
+orchestrator stopped and started again midway.
+
+Run as a user would: the local one-node SLURM cluster with GPU-like slots (gres/shard), a
+PostgreSQL Dagster instance, ``dagster dev`` (webserver + daemon, the watchdog and the analysis
+automation running), and a backfill of every ``training_run`` partition launched through the
+webserver's GraphQL API, exactly as the UI's "Materialize all" backfill does. When about a
+third of the cells have landed, the whole ``dagster dev`` is stopped (SIGINT to its process
+group, what Ctrl-C does) and started again.
+
+Reports (JSON + a Markdown table for BENCHMARKS.md): wall time; per-cell orchestration overhead
+(submit -> training start, training end -> materialized); peak total orchestrator RSS and RSS
+per run worker; the instance database's size and events per cell; and the proof: every cell
+materialized, one set of rows per cell in every DuckDB table, no SLURM job CANCELLED, no orphan
+processes after the final stop.
+
+    python bench/scale_sweep.py [--slots 16] [--epochs 1] [--out /tmp/scale]
+
+It stops and restarts the local SLURM cluster with the slots it needs, and brings it back to
+its defaults at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LAUNCH_BACKFILL = """
+mutation($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on UnauthorizedError { message }
+  }
+}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def cmd_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class Orchestrator:
+    """``dagster dev`` in its own process group; sampled for RSS while it runs."""
+
+    def __init__(self, env: dict, log: Path, port: int) -> None:
+        self.env, self.log, self.port, self.proc = env, log, port, None
+        self.samples: list[dict] = []
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["dagster", "dev", "-m", "deconflow.definitions", "-p", str(self.port)],
+            cwd=REPO,
+            env=self.env,
+            stdout=open(self.log, "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/server_info", timeout=2).ok:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        raise SystemExit(f"dagster dev did not come up; see {self.log}")
+
+    def sample(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        pids = tree_pids(self.proc.pid)
+        workers = [p for p in pids if "execute_run" in cmd_of(p) or "api execute" in cmd_of(p)]
+        self.samples.append(
+            {
+                "t": time.time(),
+                "total_mb": sum(rss_mb(p) for p in pids),
+                "workers": len(workers),
+                "worker_mb": [rss_mb(p) for p in workers],
+            }
+        )
+
+    def stop(self) -> None:
+        """What Ctrl-C on ``dagster dev`` does: SIGINT to the process group, then wait."""
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, signal.SIGINT)
+        try:
+            self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+
+def graphql(port: int, query: str, variables: dict) -> dict:
+    r = requests.post(
+        f"http://127.0.0.1:{port}/graphql",
+        json={"query": query, "variables": variables},
+        timeout=60,
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slots", type=int, default=16, help="GPU-like slots (gres/shard)")
+    ap.add_argument("--epochs", type=int, default=1, help="demo-profile epochs per cell")
+    ap.add_argument("--out", default="/tmp/deconflow-scale")
+    ap.add_argument("--restart-at", type=float, default=0.33, help="fraction landed")
+    ap.add_argument("--timeout", type=float, default=3600)
+    args = ap.parse_args()
+
+    from deconflow_dev import postgres
+    from deconflow_dev import slurm_cluster as cluster
+
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    data, home = out / "data", out / "dagster_home"
+
+    # The cluster with the slots asked for (restarted: its config is rendered on `up`).
+    state = cluster.default_state_dir()
+    cluster.down(state)
+    os.environ.update(
+        DECONFLOW_SLURM_GPUS=str(args.slots // 2),
+        DECONFLOW_SLURM_SHARDS=str(args.slots),
+        DECONFLOW_SLURM_CPUS=str(args.slots),
+    )
+    info = cluster.up(state)
+    pg = postgres.up(postgres.default_state_dir())
+    url = postgres.reset_database(pg, "dcf_scale")
+
+    slurm_toml = out / "slurm.toml"
+    slurm_toml.write_text(
+        "[slurm]\n"
+        'partition = "gpu"\n'
+        "gpus_per_job = 1\n"
+        "workers_per_gpu = 2\n"  # 2 runs per GPU through shards, as the plan packs them
+        'gpu_sharing = "shard"\n'
+        'mem = "400M"\n'
+        'time_limit = "00:20:00"\n'
+        "poll_interval_s = 5.0\n"
+        f'slurm_conf = "{info.slurm_conf}"\n'
+        'job_name_prefix = "scale"\n'
+    )
+    env = {
+        **os.environ,
+        "DECONFLOW_DATA": str(data),
+        "DAGSTER_HOME": str(home),
+        "DECONFLOW_PG_URL": url,
+        "DECONFLOW_COMPUTE": "slurm",
+        "DECONFLOW_SLURM_CONFIG": str(slurm_toml),
+        "DECONFLOW_PROFILE": "demo",
+        "DECONFLOW_TRAIN_OVERRIDES": json.dumps(
+            {"epochs": args.epochs, "hessian_every": 0, "heartbeat_every_s": 1.0}
+        ),
+        "DECONFLOW_TRAINING_SLOTS": str(args.slots),
+        "DECONFLOW_WATCHDOG_INTERVAL_S": "10",
+        "SLURM_CONF": str(info.slurm_conf),
+        "DECONFLOW_TORCH_THREADS": "1",
+    }
+    os.environ.update({k: env[k] for k in ("DECONFLOW_DATA", "DAGSTER_HOME", "DECONFLOW_PG_URL")})
+    from deconflow.instance import ensure_dagster_home
+
+    ensure_dagster_home()
+
+    import dagster as dg
+
+    from deconflow.sweep import load_grid
+
+    grid = load_grid()
+    n_cells = len(grid.cells)
+    port = free_port()
+    orch = Orchestrator(env, out / "dagster_dev.log", port)
+    t0 = time.time()
+    orch.start()
+    res = graphql(
+        port,
+        LAUNCH_BACKFILL,
+        {"params": {"assetSelection": [{"path": ["training_run"]}], "allPartitions": True}},
+    )
+    print("backfill:", res["data"]["launchPartitionBackfill"], flush=True)
+
+    instance = dg.DagsterInstance.get()
+    key = dg.AssetKey("training_run")
+
+    def landed() -> int:
+        return len(instance.get_materialized_partitions(key))
+
+    restarted_at = None
+    restart_gap = None
+    jobs_before_stop: list[str] = []
+    while time.time() - t0 < args.timeout:
+        orch.sample()
+        n = landed()
+        if restarted_at is None and n >= args.restart_at * n_cells:
+            jobs_before_stop = [
+                ln
+                for ln in subprocess.run(
+                    ["squeue", "-h", "-o", "%i|%T|%j"], env=env, capture_output=True, text=True
+                ).stdout.splitlines()
+                if "|scale-" in ln
+            ]
+            print(f"[{time.time() - t0:.0f}s] {n} landed: stopping dagster dev", flush=True)
+            t_stop = time.time()
+            orch.stop()
+            time.sleep(5)
+            orch.start()
+            restart_gap = time.time() - t_stop
+            restarted_at = time.time() - t0
+            print(f"[{restarted_at:.0f}s] dagster dev is back ({restart_gap:.0f}s)", flush=True)
+        if n >= n_cells:
+            break
+        print(f"[{time.time() - t0:.0f}s] {n}/{n_cells} landed", flush=True)
+        time.sleep(5)
+    wall = time.time() - t0
+    # Let the analysis catch up with the last landing, then stop everything.
+    time.sleep(90)
+    orch.sample()
+    orch.stop()
+    time.sleep(3)
+
+    report = collect(instance, env, data, url, grid, orch, wall, restarted_at, restart_gap)
+    report["jobs_live_at_stop"] = len(jobs_before_stop)
+    (out / "scale_report.json").write_text(json.dumps(report, indent=2, default=str))
+    print(json.dumps(report, indent=2, default=str))
+
+    # Back to the default cluster for the tests.
+    cluster.down(state)
+    for k in ("DECONFLOW_SLURM_GPUS", "DECONFLOW_SLURM_SHARDS", "DECONFLOW_SLURM_CPUS"):
+        os.environ.pop(k, None)
+    cluster.up(state)
+    return 0 if report["proof"]["all_ok"] else 1
+
+
+def collect(instance, env, data, url, grid, orch, wall, restarted_at, restart_gap) -> dict:
+    import dagster as dg
+    import duckdb
+    import psycopg2
+
+    from deconflow.protocol import FAMILIES, SUMMARY
+
+    key = dg.AssetKey("training_run")
+    runs = instance.get_runs(dg.RunsFilter(tags={}))
+    training = [r for r in runs if r.tags.get("dagster/partition/variant")]
+    by_status: dict[str, int] = {}
+    for r in training:
+        by_status[r.status.value] = by_status.get(r.status.value, 0) + 1
+
+    # Per cell: submit -> training start, training end -> materialized.
+    submit_to_start, end_to_mat = [], []
+    sacct = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-o", "JobID,JobName,State,Submit,Start", "-S", "now-6hours"],
+        env=env,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    jobs = [ln.split("|") for ln in sacct if "|scale-" in ln]
+    cancelled = [j for j in jobs if j[2].startswith("CANCELLED")]
+    mat_time: dict[str, float] = {}
+    for rec in instance.fetch_materializations(key, limit=100_000).records:
+        part = rec.event_log_entry.dagster_event.partition
+        mat_time[part] = max(mat_time.get(part, 0.0), rec.event_log_entry.timestamp)
+    reattached = 0
+    for cell in grid.cells:
+        work = data / "work" / cell.key
+        try:
+            summary = json.loads((work / SUMMARY).read_text())
+            end = (work / SUMMARY).stat().st_mtime
+            submitted = (work / "slurm" / "job_id").stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        started = end - float(summary.get("wall_time_s") or 0.0)
+        if summary.get("attempts", 1) == 1 and started >= submitted:
+            submit_to_start.append(started - submitted)
+        else:
+            reattached += 1  # resumed or re-attached: its job_id file was rewritten later
+        part = f"{cell.hp}|{cell.variant}"
+        if part in mat_time:
+            end_to_mat.append(mat_time[part] - end)
+
+    # Instance database size and events per cell.
+    con = psycopg2.connect(url)
+    cur = con.cursor()
+    cur.execute("SELECT pg_database_size(current_database())")
+    db_bytes = cur.fetchone()[0]
+    cur.execute("SELECT count(*) FROM event_logs")
+    events = cur.fetchone()[0]
+    con.close()
+
+    # DuckDB: one set of rows per cell in every table.
+    db = data / "deconflow.duckdb"
+    dup = {}
+    counts = {}
+    if db.exists():
+        c = duckdb.connect(str(db), read_only=True)
+        for fam in FAMILIES:
+            counts[fam] = c.execute(f"SELECT count(DISTINCT run_id) FROM {fam}").fetchone()[0]
+            dup[fam] = c.execute(
+                f"SELECT count(*) FROM (SELECT run_id, step FROM {fam} "
+                "GROUP BY ALL HAVING count(*) > 1)"
+            ).fetchone()[0]
+        for t in ("runs", "run_fits", "completeness"):
+            counts[t] = c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            dup[t] = c.execute(
+                f"SELECT count(*) FROM (SELECT run_id FROM {t} GROUP BY ALL HAVING count(*) > 1)"
+            ).fetchone()[0]
+        counts["runs_materialized"] = c.execute(
+            "SELECT count(*) FROM runs WHERE status IN ('materialized', 'diverged')"
+        ).fetchone()[0]
+        c.close()
+
+    leftover = [
+        p
+        for p in (int(x.name) for x in Path("/proc").iterdir() if x.name.isdigit())
+        if any(s in cmd_of(p) for s in ("dagster", "deconflow.training.run")) and p != os.getpid()
+    ]
+    live_jobs = [
+        ln
+        for ln in subprocess.run(
+            ["squeue", "-h", "-o", "%i|%j"], env=env, capture_output=True, text=True
+        ).stdout.splitlines()
+        if "|scale-" in ln
+    ]
+    materialized = len(instance.get_materialized_partitions(key))
+    peak_total = max((s["total_mb"] for s in orch.samples), default=0.0)
+    worker_rss = [mb for s in orch.samples for mb in s["worker_mb"] if mb > 0]
+    peak_workers = max((s["workers"] for s in orch.samples), default=0)
+    idle = [s["total_mb"] for s in orch.samples if s["workers"] == 0]
+    proof = {
+        "cells": len(grid.cells),
+        "materialized_partitions": materialized,
+        "duckdb_counts": counts,
+        "duckdb_duplicate_keys": dup,
+        "sacct_jobs": len(jobs),
+        "sacct_cancelled": len(cancelled),
+        "orphan_processes": leftover,
+        "live_jobs_after": live_jobs,
+    }
+    proof["all_ok"] = (
+        materialized == len(grid.cells)
+        and not cancelled
+        and not leftover
+        and not live_jobs
+        and all(v == 0 for v in dup.values())
+        and counts.get("batch_metrics") == len(grid.cells)
+    )
+    return {
+        "wall_s": wall,
+        "restart_at_s": restarted_at,
+        "restart_gap_s": restart_gap,
+        "dagster_runs": len(training),
+        "runs_by_status": by_status,
+        "submit_to_training_start_s": _stats(submit_to_start),
+        "cells_resumed_or_reattached": reattached,
+        "training_end_to_published_s": _stats(end_to_mat),
+        "peak_total_orchestrator_rss_mb": peak_total,
+        "orchestrator_rss_without_runs_mb": statistics.median(idle) if idle else None,
+        "peak_run_workers": peak_workers,
+        "run_worker_rss_mb": _stats(worker_rss),
+        "instance_db_mb": db_bytes / 2**20,
+        "events": events,
+        "events_per_cell": events / len(grid.cells),
+        "proof": proof,
+    }
+
+
+def _stats(xs: list[float]) -> dict:
+    if not xs:
+        return {}
+    xs = sorted(xs)
+    return {
+        "n": len(xs),
+        "median": statistics.median(xs),
+        "p90": xs[int(0.9 * (len(xs) - 1))],
+        "max": xs[-1],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

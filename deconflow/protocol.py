@@ -47,6 +47,7 @@ BEST_INDEX = "best.json"
 PIPES_DIR = ".pipes"
 PIPES_CONTEXT = "context.json"
 PIPES_MESSAGES = "messages.jsonl"
+STATE_CACHE = ".cell_states.json"  # under the work root: the latest run state per cell
 LOCK_DIR = ".locks"  # under the work root: one lock file per cell (one attempt at a time)
 SLURM_DIR = "slurm"  # job.sh, job_id, job.json of the SLURM attempt
 SLURM_SCRIPT = "job.sh"

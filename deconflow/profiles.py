@@ -9,9 +9,17 @@ using scikit-learn's digits (real data shipped inside an installed package), and
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 
 from deconflow.sweep import Cell, GridError
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,10 @@ class TrainConfig:
     hessian_batch: int = 128
     noise_every_epochs: int = 2
     noise_microbatches: int = 8  # micro-batches for the gradient-variance estimate
+    # Analysis windows (SPEC section 4), in epochs of this profile; never read by training.
+    # The plan's are for 50 epochs; shorter profiles take `scaled_windows(epochs)`.
+    alpha_early_epochs: tuple[int, int] = (5, 15)  # whole epochs, inclusive
+    knee_epochs: tuple[float, float] = (1.0, 20.0)  # the knee gate's allowed range
     heartbeat_every_s: float = 10.0
     keep_best: int = 3
     checkpoint_every: int = 1  # validation points between saves of latest.pt
@@ -60,10 +72,88 @@ class TrainConfig:
                 f"batch_size ({self.batch_size}) must be a positive multiple of "
                 f"grad_accum ({self.grad_accum})"
             )
-        if self.epochs <= 0:
-            raise GridError(f"epochs must be > 0, got {self.epochs}")
         if self.dataset not in ("cifar10", "digits", "synthetic"):
             raise GridError(f"unknown dataset {self.dataset!r}")
+        # Every count and interval is checked here, before anything is written: a bad value
+        # is a one-line error, never a crash mid-run (checkpoint_every 0 divided by zero).
+        for name, low in (
+            ("epochs", 1),
+            ("val_per_epoch", 1),
+            ("checkpoint_every", 1),
+            ("keep_best", 1),
+            ("hessian_every", 0),  # 0: no curvature
+            ("hessian_iters", 1),
+            ("hutchinson_samples", 1),
+            ("hessian_batch", 1),
+            ("noise_every_epochs", 0),  # 0: no gradient noise
+            ("noise_microbatches", 2),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise GridError(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("n_train", "n_test"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise GridError(f"{name} must be an integer >= 1 or null, got {value!r}")
+        for name, low, strict in (
+            ("warmup_epochs", 0.0, False),
+            ("width_mult", 0.0, True),
+            ("heartbeat_every_s", 0.0, False),
+        ):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or (value <= low if strict else value < low)
+            ):
+                raise GridError(
+                    f"{name} must be a number {'>' if strict else '>='} {low:g}, got {value!r}"
+                )
+        if not (isinstance(self.device, str) and _DEVICE_RE.match(self.device)):
+            raise GridError(f"unknown device {self.device!r}; expected auto, cpu, cuda or cuda:N")
+        for name in ("crop_scale", "crop_ratio"):
+            lo_hi = getattr(self, name)
+            if (
+                len(lo_hi) != 2
+                or not all(_is_number(x) and math.isfinite(x) for x in lo_hi)
+                or not 0 < lo_hi[0] <= lo_hi[1]
+            ):
+                raise GridError(f"{name} must be two numbers 0 < low <= high, got {lo_hi!r}")
+        start_end = tuple(self.alpha_early_epochs)
+        if not (
+            len(start_end) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in start_end)
+            and 1 <= start_end[0] < start_end[1]
+        ):
+            raise GridError(
+                f"alpha_early_epochs must be two whole epochs 1 <= start < end, got {start_end!r}"
+            )
+        knee = tuple(self.knee_epochs)
+        if not (
+            len(knee) == 2
+            and all(_is_number(x) and math.isfinite(x) for x in knee)
+            and 0 <= knee[0] <= knee[1]
+        ):
+            raise GridError(f"knee_epochs must be two numbers 0 <= low <= high, got {knee!r}")
+
+
+PLAN_EPOCHS = 50  # the plan's run length, for which its analysis windows are stated
+
+
+def scaled_windows(epochs: int) -> dict:
+    """The plan's analysis windows scaled to a run of `epochs` epochs (same fractions).
+
+    alpha_early: epochs 5..15 of 50 become round(5 e/50)..round(15 e/50), at least epoch 1
+    and at least two epochs long, within the run; the knee gate [1, 20] becomes
+    [e/50, 20 e/50]. `scaled_windows(50)` is the plan's: (5, 15) and (1.0, 20.0).
+    """
+    f = epochs / PLAN_EPOCHS
+    start = max(1, round(5 * f))
+    end = min(max(epochs, start + 1), max(start + 1, round(15 * f)))
+    return {"alpha_early_epochs": (start, end), "knee_epochs": (1.0 * f, 20.0 * f)}
 
 
 PROFILES: dict[str, TrainConfig] = {
@@ -71,13 +161,14 @@ PROFILES: dict[str, TrainConfig] = {
     "demo": TrainConfig(
         profile="demo",
         dataset="digits",
-        epochs=16,  # alpha_early needs epochs 5 to 15
+        epochs=16,
+        **scaled_windows(16),  # alpha_early epochs 2-5, knee gate [0.32, 6.4]
         batch_size=128,
         warmup_epochs=1.0,
         width_mult=0.125,
         crop_scale=(0.5, 1.0),
-        hessian_every=60,
-        hessian_iters=5,
+        hessian_every=40,  # 4 curvature points in 176 steps (steps 40, 80, 120, 160)
+        hessian_iters=4,
         hutchinson_samples=2,
         hessian_batch=64,
         noise_every_epochs=2,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from deconflow.analysis import (
+    FIT_KEYS,
     alpha_early,
     alpha_full,
     best_val,
@@ -77,10 +78,13 @@ def test_alpha_early_and_full_on_known_slopes():
     means = np.where(epochs <= 15, 5.0 - 0.2 * epochs, 2.0 - 0.01 * (epochs - 15))
     means[:4] = 99.0  # epochs 1-4 are outside the early window
     assert alpha_early(epochs, means) == pytest.approx(-0.2)
-    assert alpha_full(epochs, means, knee_epoch=15.5) == pytest.approx(-0.01)
-    assert math.isnan(alpha_full(epochs, means, None))
-    assert math.isnan(alpha_full(epochs, means, float("nan")))
     assert math.isnan(alpha_early(epochs[:12], means[:12]))  # run shorter than 15 epochs
+    # alpha_full from batches: 4 steps per epoch, each epoch's batches at its mean
+    step = np.arange(1, 4 * 50 + 1, dtype=float)
+    loss = np.repeat(means, 4)
+    assert alpha_full(step, step / 4, loss, burn_in_step=4 * 15 + 1) == pytest.approx(-0.01)
+    assert math.isnan(alpha_full(step, step / 4, loss, None))
+    assert math.isnan(alpha_full(step, step / 4, loss, float("nan")))
 
 
 def test_best_val_ignores_nan():
@@ -130,20 +134,12 @@ def test_fit_run_without_burn_in_and_with_max_epoch():
     out = fit_run(batch, val, max_epoch=20)
     assert math.isnan(out["knee_epoch"]) and math.isnan(out["burn_in_loss"])
     assert math.isnan(out["alpha_full"])
-    assert out["n_points"] == 20 * 20
+    # no burn-in, no power law (the plan fits only after burn-in)
+    assert math.isnan(out["r_squared"]) and math.isnan(out["exponent"])
+    assert out["n_points"] == 0
+    assert math.isfinite(out["alpha_early"])
     assert out["best_val_epoch"] == pytest.approx(20.0)
-    assert set(out) == {
-        "r_squared",
-        "exponent",
-        "intercept",
-        "knee_epoch",
-        "burn_in_loss",
-        "alpha_early",
-        "alpha_full",
-        "best_val_ce",
-        "best_val_epoch",
-        "n_points",
-    }
+    assert set(out) == set(FIT_KEYS)
 
 
 # --- curvature --------------------------------------------------------------------------
@@ -231,7 +227,9 @@ def test_h1_fraction_on_known_list():
     out = h1_power_law_prevalence(r2)
     assert out["value"] == pytest.approx(0.75)
     assert out["n"] == 4 and out["passed"] is False and out["threshold"] == 0.9
-    assert h1_power_law_prevalence([0.99] * 10)["passed"] is True
+    ten = h1_power_law_prevalence([0.99] * 10)  # 100% of 10: Wilson lower bound 0.72
+    assert ten["point_passed"] is True and ten["passed"] is False
+    assert h1_power_law_prevalence([0.99] * 40)["passed"] is True  # lower bound 0.912
 
 
 def _fits_table() -> pd.DataFrame:
@@ -247,7 +245,9 @@ def _fits_table() -> pd.DataFrame:
                     "alpha_early": alpha,
                     "best_val_ce": 1.0 + alpha + 0.01 * rng.normal(),
                     "r_squared": 0.99 if i else 0.9,
-                    "outcome": "ok",
+                    "outcome": "completed",
+                    "lr": 0.1 if i % 2 else 0.2,
+                    "knee_epoch": 2.0,
                 }
             )
     df = pd.DataFrame(rows)
@@ -266,29 +266,48 @@ def test_h2_table_excludes_runs_with_reasons_and_counts():
     reasons = dict(zip(excluded["run_id"], excluded["reason"], strict=True))
     assert reasons == {
         "vanilla-5": "diverged",
-        "deconv-4": "alpha_early not finite (run shorter than 15 epochs?)",
+        "deconv-4": "alpha_early not finite (run shorter than its alpha_early window?)",
         "deconv-3": "no finite validation loss",
     }
-    assert list(results["scope"]) == ["pooled"] * 2 + ["deconv"] * 2 + ["vanilla"] * 2
-    assert list(results["method"]) == ["pearson", "spearman"] * 3
+    both = ["pearson", "spearman"]
+    partial = ["pearson", "spearman", "pearson_partial_lr", "spearman_partial_lr"]
+    # pooled and per variant: plain and partial on lr; per lr and per variant x lr: plain
+    expected = [(s, m) for s in ("pooled", "variant=deconv", "variant=vanilla") for m in partial]
+    expected += [(f"lr={lr}", m) for lr in ("0.1", "0.2") for m in both]
+    expected += [
+        (f"variant={v}, lr={lr}", m)
+        for v in ("deconv", "vanilla")
+        for lr in ("0.1", "0.2")
+        for m in both
+    ]
+    assert list(zip(results["scope"], results["method"], strict=True)) == expected
     n = dict(zip(results["scope"], results["n"], strict=False))
-    assert n == {"pooled": 9, "deconv": 4, "vanilla": 5}
-    assert results["passed"].all()
-    assert (results["ci_low"] <= results["value"]).all()
-    assert (results["value"] <= results["ci_high"] + 1e-12).all()
+    assert n["pooled"] == 9 and n["variant=deconv"] == 4 and n["variant=vanilla"] == 5
+    assert n["lr=0.1"] + n["lr=0.2"] == 9
+    # near-perfect correlations, but n < 8 per variant: the point estimate passes, the
+    # verdict does not
+    per_variant = results[
+        results["scope"].str.startswith("variant=") & ~results["scope"].str.contains("lr")
+    ]
+    assert per_variant["point_passed"].all() and not per_variant["passed"].any()
+    assert per_variant["ci_low"].isna().all()
+    pooled = results[(results["scope"] == "pooled") & results["method"].isin(both)]
+    assert (pooled["ci_low"] <= pooled["value"]).all()
+    assert (pooled["value"] <= pooled["ci_high"] + 1e-12).all()
 
 
 def test_hypotheses_table_stacks_h1_and_h2():
     results, excluded = hypotheses_table(_fits_table(), n_boot=100)
     h1 = results[results["hypothesis"] == "H1"].set_index("scope")
-    assert list(h1.index) == ["pooled", "deconv", "vanilla"]
+    assert list(h1.index) == ["pooled", "variant=deconv", "variant=vanilla"]
     assert h1.loc["pooled", "n"] == 11
     assert h1.loc["pooled", "value"] == pytest.approx(9 / 11)
-    assert h1.loc["vanilla", "value"] == pytest.approx(4 / 5)
+    assert h1.loc["variant=vanilla", "value"] == pytest.approx(4 / 5)
     assert not h1["passed"].any()
     assert (h1["method"] == "r2>=0.98 fraction").all() and (h1["threshold"] == 0.9).all()
-    assert len(results) == 3 + 6
+    assert (h1["smoothing"] == "raw").all()
+    assert len(results) == 3 + 3 * 4 + 2 * 2 + 4 * 2
     h1_excluded = excluded[excluded["hypothesis"] == "H1"]
     assert list(h1_excluded["run_id"]) == ["vanilla-5"]
     assert list(h1_excluded["reason"]) == ["diverged"]
-    assert results["passed"].dtype == bool
+    assert results["passed"].dtype == bool and results["point_passed"].dtype == bool

@@ -2,27 +2,45 @@
 SPEC section 4. No Dagster, no torch, no I/O: the assets and the warehouse call it."""
 
 from deconflow.analysis.fits import (
+    BURN_IN_CE,
+    FIT_KEYS,
+    PLAN_ALPHA_EARLY,
+    EpochMeans,
     PowerLawFit,
     alpha_early,
     alpha_full,
     best_val,
     burn_in,
     burn_in_index,
+    epoch_means,
     fit_power_law,
     fit_run,
     integer_epoch,
     linear_slope,
+    noise_variance,
     per_epoch_mean,
+    r2_noise_ceiling,
 )
 from deconflow.analysis.hypotheses import (
+    DEFAULT_H1_RULE,
+    H1_RULES,
+    MIN_N,
     correlations,
     h1_power_law_prevalence,
     h1_table,
     h2_table,
     hypotheses_table,
+    wilson_interval,
 )
 
 __all__ = [
+    "BURN_IN_CE",
+    "DEFAULT_H1_RULE",
+    "FIT_KEYS",
+    "H1_RULES",
+    "MIN_N",
+    "PLAN_ALPHA_EARLY",
+    "EpochMeans",
     "PowerLawFit",
     "alpha_early",
     "alpha_full",
@@ -30,6 +48,7 @@ __all__ = [
     "burn_in",
     "burn_in_index",
     "correlations",
+    "epoch_means",
     "fit_power_law",
     "fit_run",
     "h1_power_law_prevalence",
@@ -38,5 +57,8 @@ __all__ = [
     "hypotheses_table",
     "integer_epoch",
     "linear_slope",
+    "noise_variance",
     "per_epoch_mean",
+    "r2_noise_ceiling",
+    "wilson_interval",
 ]

@@ -1,6 +1,10 @@
-"""The run's ``summary.json``: outcome, final and best metrics and its power-law fit."""
+"""The run's ``summary.json``: outcome, final and best metrics and its power-law fit.
+
+Fit values that do not exist (no burn-in: no power law) are written as null, not NaN."""
 
 from __future__ import annotations
+
+import math
 
 from deconflow.analysis.fits import fit_run
 from deconflow.profiles import TrainConfig
@@ -19,7 +23,14 @@ def summarize(
     """The run's summary: outcome, final and best metrics and its power-law fit."""
     batch = metrics.frame("batch_metrics").rename(columns={"loss_nats": "loss"})
     val = metrics.frame("val_metrics")
-    fit = fit_run(batch, val) if len(batch) else {}
+    # The run's own view of its fit (on the materialization): the configured early window
+    # and horizon. The sweep's run_fits table recomputes these from the published files.
+    fit = (
+        fit_run(batch, val, max_epoch=cfg.epochs, alpha_early_epochs=tuple(cfg.alpha_early_epochs))
+        if len(batch)
+        else {}
+    )
+    fit = {k: v if isinstance(v, int) or math.isfinite(v) else None for k, v in fit.items()}
     last_val = val.iloc[-1] if len(val) else None
     return {
         **cell.as_dict(),
@@ -35,7 +46,10 @@ def summarize(
         "best_val_ce": fit.get("best_val_ce"),
         "best_val_epoch": fit.get("best_val_epoch"),
         "r_squared": fit.get("r_squared"),
+        "r_squared_ceiling": fit.get("r_squared_ceiling"),
+        "r_squared_epoch_mean": fit.get("r_squared_epoch_mean"),
         "knee_epoch": fit.get("knee_epoch"),
+        "alpha_early": fit.get("alpha_early"),
         "val_per_epoch": cfg.val_per_epoch,
         "hessian_every": cfg.hessian_every,
         "noise_every_epochs": cfg.noise_every_epochs,

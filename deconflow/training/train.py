@@ -33,7 +33,7 @@ from deconflow.protocol import (
 from deconflow.sweep import Cell
 from deconflow.training import monitors
 from deconflow.training.augment import normalize, random_resized_crop_flip, to_float
-from deconflow.training.checkpoints import Checkpoints
+from deconflow.training.checkpoints import CheckpointError, CheckpointMismatch, Checkpoints
 from deconflow.training.data import load_dataset
 from deconflow.training.metrics_io import MetricLog
 from deconflow.training.model import build_model
@@ -44,6 +44,8 @@ LN2 = math.log(2.0)
 # Fields of the config that may change between attempts of one run without changing
 # its science (out-of-memory retries raise grad_accum; a resume may land on other hardware).
 RESUME_FREE_FIELDS = {"grad_accum", "device", "heartbeat_every_s", "fault", "compile", "extra"}
+# Analysis windows are read by the analysis only, never by training.
+RESUME_FREE_FIELDS |= {"alpha_early_epochs", "knee_epochs"}
 
 
 def _seed(*parts: int) -> int:
@@ -238,21 +240,41 @@ class Heartbeat:
             self.last = now
 
 
-def resume_or_start(ckpts, metrics, model, opt, fingerprint, out: Path, device):
-    """(step, wall time before, attempt) from ``latest.pt``, or a fresh start at step 0."""
-    state = ckpts.load_latest(map_location=device)
+def resume_or_start(ckpts, metrics, model, opt, fingerprint, out: Path, device, log=None):
+    """(step, wall time before, attempt) from the newest intact checkpoint (``latest.pt``,
+    else ``latest.prev.pt``), or a fresh start at step 0 when there is none. A corrupt
+    checkpoint is set aside and logged; one of another config is a config error."""
+    if log is not None:
+        ckpts.log = log
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def check(state: dict) -> None:
+        if state["fingerprint"] != fingerprint:
+            raise CheckpointMismatch(
+                f"checkpoint in {out} belongs to another config (cell, profile or sizes); "
+                f"remove {out} or train into another folder"
+            )
+        if {k: tuple(v.shape) for k, v in state["model"].items()} != shapes:
+            raise ValueError("its model weights do not fit the model")
+        if len(state["optimizer"]["param_groups"]) != len(opt.param_groups):
+            raise ValueError("its optimizer state does not fit the optimizer")
+
+    state = ckpts.load_resumable(map_location=device, check=check)
     if state is None:
         for f in out.glob(METRIC_FILE_GLOB):
             f.unlink()
+        ckpts.prune_after(0)  # best checkpoints of an attempt whose resume state was lost
         return 0, 0.0, 1
-    if state["fingerprint"] != fingerprint:
-        raise ValueError(
-            f"checkpoint in {out} belongs to another config; use a fresh output folder"
-        )
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
     step = state["step"]
-    metrics.load(upto_step=step)
+    try:
+        opt.load_state_dict(state["optimizer"])
+        model.load_state_dict(state["model"])
+        metrics.load(upto_step=step)
+    except Exception as e:  # loaded but unusable: retried from scratch by the watchdog
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"corrupt checkpoint {state['_source']} (step {step}) or metrics in {out}: {why}"
+        ) from None
     ckpts.prune_after(step)
     return step, state["wall_time_s"], state["attempts"] + 1
 
@@ -293,7 +315,7 @@ def train(
     metrics = MetricLog(out, cell.key)
     fingerprint = _fingerprint(cell, cfg)
     step, wall_before, attempts = resume_or_start(
-        ckpts, metrics, model, opt, fingerprint, out, device
+        ckpts, metrics, model, opt, fingerprint, out, device, log=log
     )
     if step:
         log(f"resumed {cell.key} from step {step}/{total} (attempt {attempts})")

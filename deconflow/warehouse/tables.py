@@ -1,4 +1,7 @@
-"""The analysis tables of SPEC section 5 as DataFrames: runs, run_fits, completeness."""
+"""The analysis tables of SPEC section 5 as DataFrames: runs, run_fits, completeness.
+
+Every table has explicit column dtypes (pandas "string", "Float64", "Int64", ...), so a
+column whose values are all missing still lands in DuckDB with its type, never as NULL."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from deconflow.analysis.fits import fit_run
+from deconflow.profiles import PLAN_EPOCHS, get_profile, scaled_windows
 from deconflow.protocol import (
     DIVERGED,
     FAILED,
@@ -16,40 +20,102 @@ from deconflow.protocol import (
     family_file,
     partition_key_str,
 )
-from deconflow.sweep import Grid, parse_key
+from deconflow.sweep import Grid, GridError, parse_key
 from deconflow.warehouse.publish import read_summary
 
-FIT_COLUMNS = [
-    "run_id",
-    "variant",
-    "seed",
-    "lr",
-    "weight_decay",
-    "r_squared",
-    "knee_epoch",
-    "burn_in_loss",
-    "alpha_early",
-    "alpha_full",
-    "best_val_ce",
-    "best_val_epoch",
-    "exponent",
-    "intercept",
-    "n_points",
-    "outcome",
-]
+# run_fits: the plan's columns first (SPEC section 5), then the noise-aware fit columns.
+# Each column's meaning; README's data dictionary and the export's metadata say the same.
+FIT_COLUMN_DOCS: dict[str, tuple[str, str]] = {
+    "run_id": ("string", "cell key"),
+    "variant": ("string", "base, bn_off, narrow or adamw"),
+    "seed": ("int64", "seed of the cell"),
+    "lr": ("float64", "peak learning rate of the cell"),
+    "weight_decay": ("float64", "weight decay of the cell"),
+    "r_squared": (
+        "Float64",
+        "R² of the plan's power law: log L = log a + b log t by least squares over every "
+        "per-batch train loss from the burn-in step on (null: no burn-in)",
+    ),
+    "knee_epoch": (
+        "Float64",
+        "fractional epoch of the first step with train CE <= 1.0 (null: no burn-in)",
+    ),
+    "burn_in_loss": ("Float64", "train CE at that step"),
+    "alpha_early": (
+        "Float64",
+        "least-squares slope (nats/epoch) of the per-epoch mean train loss over the "
+        "profile's early window (alpha_early_from..alpha_early_to; the plan's 5-15 of 50)",
+    ),
+    "alpha_full": (
+        "Float64",
+        "the same slope from burn-in to the end: per-epoch means of the batches at or after "
+        "the burn-in step, each at the mean epoch of its batches (null: no burn-in)",
+    ),
+    "best_val_ce": ("Float64", "lowest validation CE within the profile's epochs"),
+    "best_val_epoch": ("Float64", "fractional epoch where it first occurs"),
+    "exponent": ("Float64", "b of the raw power-law fit (negative: a falling loss)"),
+    "intercept": ("Float64", "log a of the raw power-law fit (natural log)"),
+    "n_points": ("int64", "batches in the raw fit (0: no burn-in)"),
+    "outcome": ("string", "completed or diverged"),
+    "r_squared_ceiling": (
+        "Float64",
+        "noise ceiling of r_squared: 1 - noise_var / Var(log L) over the fitted points, "
+        "clipped to [0, 1]; the highest R² any smooth curve reaches on this noise",
+    ),
+    "noise_var": (
+        "Float64",
+        "batch-to-batch noise variance of log L after burn-in, from second differences: "
+        "sum((y[i-1] - 2 y[i] + y[i+1])²) / (6 (n - 2))",
+    ),
+    "r_squared_epoch_mean": (
+        "Float64",
+        "R² of the same power law fitted to the post-burn-in per-epoch mean losses against "
+        "the mean step of each epoch's batches",
+    ),
+    "exponent_epoch_mean": ("Float64", "b of that per-epoch-mean fit"),
+    "intercept_epoch_mean": ("Float64", "log a of that per-epoch-mean fit"),
+    "n_epoch_means": ("int64", "epochs in that fit (the knee's partial epoch counts)"),
+    "burn_in_step": ("Int64", "the burn-in step (null: no burn-in)"),
+    "alpha_early_from": ("int64", "first epoch of the alpha_early window"),
+    "alpha_early_to": ("int64", "last epoch of the alpha_early window (inclusive)"),
+    "profile": ("string", "training profile of the run"),
+}
+FIT_COLUMNS = list(FIT_COLUMN_DOCS)
+FIT_DTYPES = {c: t for c, (t, _) in FIT_COLUMN_DOCS.items()}
+
+
+def _analysis_config(summary: dict) -> tuple[tuple[int, int], float | None]:
+    """(alpha_early window, analysis horizon in epochs) from the run's profile.
+
+    The profile's configuration decides (every run of a sweep is analysed alike), not the
+    run's own overrides; a run of an unknown profile gets the plan's windows scaled to its
+    length (`scaled_windows`).
+    """
+    try:
+        cfg = get_profile(str(summary.get("profile")))
+    except GridError:
+        epochs = summary.get("epochs") or PLAN_EPOCHS
+        return tuple(scaled_windows(int(epochs))["alpha_early_epochs"]), None
+    return tuple(cfg.alpha_early_epochs), float(cfg.epochs)
 
 
 def run_fits(runs: dict[str, Path]) -> pd.DataFrame:
-    """One row of SPEC section 4 numbers per published run."""
+    """One row of SPEC section 4 numbers per published run (typed: see FIT_COLUMN_DOCS)."""
     rows = []
     for key, d in runs.items():
         cell = parse_key(key)
         s = read_summary(d)
+        window, horizon = _analysis_config(s)
         batch = pd.read_parquet(
             d / family_file("batch_metrics"), columns=["step", "epoch", "loss_nats"]
         )
         val = pd.read_parquet(d / family_file("val_metrics"), columns=["epoch", "val_loss"])
-        fit = fit_run(batch.rename(columns={"loss_nats": "loss"}), val)
+        fit = fit_run(
+            batch.rename(columns={"loss_nats": "loss"}),
+            val,
+            max_epoch=horizon,
+            alpha_early_epochs=window,
+        )
         rows.append(
             {
                 "run_id": key,
@@ -58,10 +124,50 @@ def run_fits(runs: dict[str, Path]) -> pd.DataFrame:
                 "lr": cell.lr,
                 "weight_decay": cell.weight_decay,
                 **fit,
-                "outcome": s["outcome"],
+                "outcome": s.get("outcome"),
+                "alpha_early_from": window[0],
+                "alpha_early_to": window[1],
+                "profile": s.get("profile"),
             }
         )
-    return pd.DataFrame(rows, columns=FIT_COLUMNS).astype({"seed": "int64", "n_points": "int64"})
+    return typed(pd.DataFrame(rows, columns=FIT_COLUMNS), FIT_DTYPES)
+
+
+def typed(df: pd.DataFrame, dtypes: dict[str, str]) -> pd.DataFrame:
+    """`df` with explicit dtypes: NaN/None become NA, so DuckDB gets typed NULLs (never a
+    column of type NULL, even when every value is missing)."""
+    out = df.copy()
+    for c, t in dtypes.items():
+        if t in ("Float64", "Int64"):
+            out[c] = pd.to_numeric(out[c], errors="coerce").astype(t)
+        elif t == "string":
+            out[c] = out[c].astype("object").where(out[c].notna(), None).astype("string")
+        else:
+            out[c] = out[c].astype(t)
+    return out
+
+
+RUNS_DTYPES = {
+    "run_id": "string",
+    "partition_key": "string",
+    "variant": "string",
+    "lr": "float64",
+    "weight_decay": "float64",
+    "seed": "int64",
+    "status": "string",
+    "outcome": "string",
+    "attempts": "int64",
+    "resumes": "int64",
+    "wall_time_s": "Float64",
+    "slurm_job_id": "string",
+    "failure_class": "string",
+    "failure_reason": "string",
+    "steps": "Int64",
+    "profile": "string",
+    "final_train_loss": "Float64",
+    "best_val_ce": "Float64",
+    "dagster_run_id": "string",
+}
 
 
 def runs_table(grid: Grid, runs: dict[str, Path], states: dict[str, dict]) -> pd.DataFrame:
@@ -93,13 +199,7 @@ def runs_table(grid: Grid, runs: dict[str, Path], states: dict[str, dict]) -> pd
                 "dagster_run_id": st.get("run_id"),
             }
         )
-    df = pd.DataFrame(rows)
-    for c in ("attempts", "resumes"):
-        df[c] = df[c].astype("int64")
-    df["steps"] = df["steps"].astype("Int64")
-    for c in ("wall_time_s", "final_train_loss", "best_val_ce"):
-        df[c] = df[c].astype("float64")
-    return df
+    return typed(pd.DataFrame(rows, columns=list(RUNS_DTYPES)), RUNS_DTYPES)
 
 
 def cell_status(published: bool, summary: dict, state: dict) -> str:
@@ -113,12 +213,34 @@ def cell_status(published: bool, summary: dict, state: dict) -> str:
     return MISSING
 
 
+COMPLETENESS_DTYPES = {
+    **{c: RUNS_DTYPES[c] for c in ("run_id", "partition_key", "variant", "lr", "weight_decay")},
+    **{c: RUNS_DTYPES[c] for c in ("seed", "status", "attempts")},
+    "reason": "string",
+}
+SETTINGS_DTYPES = {
+    "run_id": "string",
+    "profile": "string",
+    "steps_per_epoch": "Int64",
+    "epochs": "Int64",
+    "val_per_epoch": "Int64",
+    "hessian_every": "Int64",
+    "noise_every_epochs": "Int64",
+}
+
+
+def _text(value) -> str | None:
+    """A string cell as str, or None when missing (NA/None/NaN are not truthy-testable)."""
+    return None if value is None or pd.isna(value) else str(value)
+
+
 def completeness(runs_df: pd.DataFrame) -> pd.DataFrame:
     """Per cell: status and a human reason (SPEC section 4, completeness)."""
 
     def reason(r) -> str:
         if r.status == FAILED:
-            return f"{r.failure_class or 'unknown'}: {r.failure_reason or 'see the Dagster run'}"
+            cls, why = _text(r.failure_class), _text(r.failure_reason)
+            return f"{cls or 'unknown'}: {why or 'see the Dagster run'}"
         if r.status == DIVERGED:
             return "non-finite training loss (a result, not retried)"
         if r.status == RUNNING:
@@ -131,14 +253,15 @@ def completeness(runs_df: pd.DataFrame) -> pd.DataFrame:
         ["run_id", "partition_key", "variant", "lr", "weight_decay", "seed", "status", "attempts"]
     ].copy()
     out["reason"] = [reason(r) for r in runs_df.itertuples()]
-    return out
+    return typed(out, COMPLETENESS_DTYPES)
 
 
 def run_settings(runs: dict[str, Path]) -> pd.DataFrame:
-    """The per-run logging settings the frequency gate checks against."""
-    cols = ["steps_per_epoch", "epochs", "val_per_epoch", "hessian_every", "noise_every_epochs"]
+    """Each run's own logging settings and size, as its summary states them. The frequency
+    gate checks the rows against the *profile's* configuration and these against it."""
+    cols = [c for c in SETTINGS_DTYPES if c not in ("run_id", "profile")]
     rows = []
     for key, d in runs.items():
         s = read_summary(d)
         rows.append({"run_id": key, "profile": s.get("profile"), **{c: s.get(c) for c in cols}})
-    return pd.DataFrame(rows, columns=["run_id", "profile", *cols])
+    return typed(pd.DataFrame(rows, columns=list(SETTINGS_DTYPES)), SETTINGS_DTYPES)

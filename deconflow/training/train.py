@@ -159,8 +159,13 @@ def clip_or_measure_grad_norm(params, clip: float | None, needed: bool):
     return None
 
 
-@torch.no_grad()
-def validate(model, fwd, x_test, y_test, amp, chunk: int = 1000):
+# Inference keeps no activations, so big batches fill the GPU; 2000 divides the 10k test
+# set (one shape: no recompile for a ragged last chunk).
+VAL_CHUNK = 2000
+
+
+@torch.inference_mode()
+def validate(model, fwd, x_test, y_test, amp, chunk: int = VAL_CHUNK):
     """(summed loss, correct) over the test set, as device tensors (no host sync)."""
     model.eval()
     vloss = torch.zeros((), device=x_test.device)
@@ -308,6 +313,8 @@ def train(
 
     batches = BatchOrder(data, cfg, cell, sched, device)
     x_test = batches.normalized(data.x_test)
+    if cfg.channels_last:
+        x_test = x_test.contiguous(memory_format=torch.channels_last)
     hess_x = batches.normalized(data.x_train[: cfg.hessian_batch])
     hess_y = data.y_train[: cfg.hessian_batch]
 
@@ -362,7 +369,8 @@ def train(
         steps.flush(step, metrics)
         if steps.diverged_at is not None:
             break
-        vloss, vcorrect = validate(model, fwd, x_test, data.y_test, amp)
+        # Eager forward: a compiled eval-mode graph costs a second compile in every run.
+        vloss, vcorrect = validate(model, model, x_test, data.y_test, amp)
         weight_norm = torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in params]))
         n_test = len(x_test)
         v = torch.stack([vloss / n_test, vcorrect / n_test, grad_norm, weight_norm]).tolist()

@@ -1029,6 +1029,9 @@ def _train_cfg(ctx: Ctx, fast: bool, **kw):
     )
     if fast:
         over.update(channels_last=True, bf16=True, compile=ctx.compile_ok and ctx.cuda)
+        mode = os.environ.get("GPU_CHECK_COMPILE_MODE")
+        if mode:
+            over.update(compile_mode=mode)
     over.update(kw)
     return get_profile("synthetic", **over)
 

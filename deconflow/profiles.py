@@ -51,7 +51,9 @@ class TrainConfig:
     knee_epochs: tuple[float, float] = (1.0, 20.0)  # the knee gate's allowed range
     heartbeat_every_s: float = 10.0
     keep_best: int = 3
-    checkpoint_every: int = 1  # validation points between saves of latest.pt
+    # Validation points between saves of latest.pt: once per epoch. A preempted run redoes at
+    # most one epoch; saving at every validation point cost 28% of an H200 run (BENCHMARKS).
+    checkpoint_every: int = 4
     device: str = "auto"  # auto | cpu | cuda
     # GPU fast path: channels_last memory format, bf16 autocast (BatchNorm statistics and
     # the loss stay fp32), torch.compile (CUDA only). Off by default; the first two also
@@ -59,6 +61,9 @@ class TrainConfig:
     channels_last: bool = False
     bf16: bool = False
     compile: bool = False
+    # torch.compile mode: "default", or "reduce-overhead" (CUDA graphs: at batch 128 the step
+    # is bound by kernel launches, and graphs halve it on an H200; see BENCHMARKS.md).
+    compile_mode: str = "default"
     # Fault injection for reliability tests: "nan@STEP", "oom@STEP", "crash@STEP", "hang@STEP".
     fault: str = ""
     extra: dict = field(default_factory=dict)

@@ -45,7 +45,7 @@ LN2 = math.log(2.0)
 # its science (out-of-memory retries raise grad_accum; a resume may land on other hardware).
 RESUME_FREE_FIELDS = {"grad_accum", "device", "heartbeat_every_s", "fault", "compile", "extra"}
 # Analysis windows are read by the analysis only, never by training.
-RESUME_FREE_FIELDS |= {"alpha_early_epochs", "knee_epochs"}
+RESUME_FREE_FIELDS |= {"alpha_early_epochs", "knee_epochs", "compile_mode", "checkpoint_every"}
 
 
 def _seed(*parts: int) -> int:
@@ -308,7 +308,8 @@ def train(
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(cell, spec.optimizer, params)
-    fwd = torch.compile(model) if cfg.compile and device.type == "cuda" else model
+    compiled = cfg.compile and device.type == "cuda"
+    fwd = torch.compile(model, mode=cfg.compile_mode) if compiled else model
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
 
     batches = BatchOrder(data, cfg, cell, sched, device)
@@ -353,7 +354,7 @@ def train(
         if cfg.hessian_every and step % cfg.hessian_every == 0:
             gen = _generator(device, cell.seed, step, 2)
             lam, tr = monitors.curvature(
-                model, hess_x, hess_y, cfg.hessian_iters, cfg.hutchinson_samples, gen
+                model, hess_x, hess_y, cfg.hessian_iters, cfg.hutchinson_samples, gen, amp
             )
             metrics.add(
                 "curvature_metrics",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import duckdb
 import pandas as pd
 
 from deconflow import warehouse
@@ -57,15 +56,23 @@ class NoDatabase(FileNotFoundError):
     pass
 
 
+def readable_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """DuckDB names ``count(*)`` ``count_star()``: show what the user wrote."""
+    return df.rename(columns=lambda c: str(c).replace("count_star()", "count(*)"))
+
+
 def run_sql(query: str, path: Path | None = None) -> pd.DataFrame:
-    """Run SQL read-only on the published database (never takes a write lock)."""
+    """Run SQL read-only on the published database: on the current snapshot, so neither a
+    user's read-write session nor a publication in progress can block or break it."""
+    from deconflow.warehouse.database import connect_readonly, snapshot_path
+
     path = path or db_path()
-    if not path.exists():
+    if not snapshot_path(path).exists():
         raise NoDatabase(
             f"no database at {path}: run `deconflow demo` or materialize sweep_db first"
         )
-    con = duckdb.connect(str(path), read_only=True)
+    con = connect_readonly(path)
     try:
-        return con.execute(query).df()
+        return readable_columns(con.execute(query).df())
     finally:
         con.close()

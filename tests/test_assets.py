@@ -16,6 +16,7 @@ from tests.helpers import asset, data_path, downstream, make_defs
 OK = [Cell("base", 0.1, 1e-3, 0), Cell("adamw", 0.05, 1e-4, 1)]
 DIVERGED = Cell("bn_off", 0.2, 1e-2, 2)
 CRASHED = Cell("narrow", 0.2, 1e-2, 3)
+OK_VARIANTS = ("adamw", "base", "bn_off")  # variants with a published run
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,14 @@ def sweep(sweep_env):
         downstream(defs), instance=instance, raise_on_error=False
     )
     return instance, defs, results
+
+
+def _failures(result) -> str:
+    return "\n".join(
+        f"{e.step_key}: {e.step_failure_data.error.to_string()}"
+        for e in result.all_events
+        if e.is_step_failure
+    )
 
 
 def _db() -> duckdb.DuckDBPyConnection:
@@ -83,6 +92,13 @@ def test_materialization_carries_the_run_summary(sweep):
         assert isinstance(meta[k], float)
     div = results[DIVERGED.key].asset_materializations_for_node("training_run")[0]
     assert div.metadata["outcome"].value == "diverged"
+    # Its own learning curve, drawn by the training process, inline in the UI; and one
+    # meaning per name: resumes inside this run (Dagster runs are the runs table's column).
+    for m in (mat, div):
+        assert m.metadata["learning_curve"].value.startswith("![learning curve of ")
+        assert "data:image/png;base64," in m.metadata["learning_curve"].value
+        assert m.metadata["learning_curve_path"].value.endswith("learning_curve.png")
+    assert meta["resumes"] == 0 and "attempts" not in meta
 
 
 def test_crash_fails_the_partition_with_the_log_tail(sweep):
@@ -98,7 +114,7 @@ def test_crash_fails_the_partition_with_the_log_tail(sweep):
 
 def test_duckdb_tables_hold_the_runs(sweep):
     _, _, results = sweep
-    assert results["downstream"].success
+    assert results["downstream"].success, _failures(results["downstream"])
     con = _db()
     tables = {r[0] for r in con.execute("SHOW TABLES").fetchall()}
     assert {
@@ -123,6 +139,8 @@ def test_duckdb_tables_hold_the_runs(sweep):
     assert runs.loc[DIVERGED.key, "outcome"] == "diverged"
     assert runs.loc[CRASHED.key, "status"] == "failed"
     assert runs.loc[CRASHED.key, "failure_class"] == "unknown"
+    assert runs.loc[OK[0].key, "dagster_runs"] == 1 and "attempts" not in runs.columns
+    assert runs.loc[OK[0].key, "resumes"] == 0
     fits = con.execute("SELECT * FROM run_fits").df()
     assert set(fits["run_id"]) == {OK[0].key, OK[1].key, DIVERGED.key}
     assert {
@@ -136,9 +154,13 @@ def test_duckdb_tables_hold_the_runs(sweep):
     } <= set(fits.columns)
     hyp = con.execute("SELECT * FROM hypotheses").df()
     assert set(hyp["hypothesis"]) == {"H1", "H2"}
-    assert set(hyp["scope"]) == {"pooled", "adamw", "base", "bn_off"}  # variants with runs
+    scopes = set(hyp["scope"])  # pooled and per variant with runs (naming: analysis)
+    assert "pooled" in scopes and all(any(v in sc for sc in scopes) for v in OK_VARIANTS)
+    assert not any("narrow" in sc for sc in scopes)
     comp = con.execute("SELECT status, count(*) FROM completeness GROUP BY 1").fetchall()
     assert dict(comp) == {"materialized": 2, "diverged": 1, "failed": 1, "missing": 212}
+    pub = con.execute("SELECT cells, newest_landing_event_id FROM publication").fetchone()
+    assert pub[0] == 3 and pub[1] > 0
 
 
 def test_pictures_are_on_the_analysis_assets(sweep):
@@ -149,12 +171,69 @@ def test_pictures_are_on_the_analysis_assets(sweep):
         for m in [m.event_specific_data.materialization]
     }
     for asset_name, key in [
-        ("run_fits", "loss_curves"),
+        ("run_fits", "loss_curves_base"),  # one picture per variant with runs
+        ("run_fits", "loss_curves_adamw"),
+        ("run_fits", "loss_curves_bn_off"),
         ("run_fits", "r_squared_histogram"),
         ("hypotheses", "alpha_vs_best_val"),
+        ("completeness", "heatmap"),
     ]:
         assert "data:image/png;base64," in mats[asset_name].metadata[key].value
-    assert mats["run_fits"].metadata["coverage"].value == "3 of 216 cells"
+    assert "loss_curves_narrow" not in mats["run_fits"].metadata  # no run landed there
+    assert mats["run_fits"].metadata["coverage"].value == "3 of 216 cells landed"
+
+
+def test_tables_are_dagster_tables_with_schemas_and_row_counts(sweep):
+    _, _, results = sweep
+    mats = {
+        m.event_specific_data.materialization.asset_key.to_user_string(): (
+            m.event_specific_data.materialization
+        )
+        for m in results["downstream"].get_asset_materialization_events()
+    }
+    for name, rows in [("runs", 216), ("run_fits", 3), ("completeness", 216)]:
+        meta = mats[name].metadata
+        assert meta["dagster/row_count"].value == rows
+        schema = meta["dagster/column_schema"].schema
+        assert "run_id" in {c.name for c in schema.columns}
+        table = meta[name]
+        assert isinstance(table, dg.TableMetadataValue) and len(table.records) == rows
+        assert {c.name for c in table.schema.columns} == {c.name for c in schema.columns}
+    fits = {r.data["run_id"]: r.data for r in mats["run_fits"].metadata["run_fits"].records}
+    assert isinstance(fits[OK[0].key]["r_squared"], float)
+    assert isinstance(mats["hypotheses"].metadata["hypotheses"], dg.TableMetadataValue)
+
+
+def test_analysis_records_the_landings_it_covers(sweep):
+    instance, _, results = sweep
+    newest = instance.fetch_materializations(dg.AssetKey("training_run"), limit=1).records[0]
+    for m in results["downstream"].get_asset_materialization_events():
+        meta = m.event_specific_data.materialization.metadata
+        assert meta["newest_landing_event_id"].value == newest.storage_id
+        assert meta["newest_landing_cell"].value == DIVERGED.key  # the last one that landed
+        assert meta["newest_landing"].value == pytest.approx(newest.timestamp)
+
+
+def test_code_version_and_owners(monkeypatch, tmp_path):
+    import shutil
+
+    import deconflow.definitions as d
+
+    repo = make_defs().get_repository_def()
+    training = repo.assets_defs_by_key[dg.AssetKey("training_run")]
+    version = training.code_versions_by_key[dg.AssetKey("training_run")]
+    assert version == d.training_code_version()
+    for a in repo.assets_defs_by_key.values():
+        assert all(o for o in a.owners_by_key.values()), a.key
+    # A change to the training code changes the version (the UI marks partitions changed).
+    copy = tmp_path / "deconflow"
+    shutil.copytree(d.PACKAGE / "training", copy / "training")
+    shutil.copy(d.PACKAGE / "profiles.py", copy / "profiles.py")
+    monkeypatch.setattr(d, "PACKAGE", copy)
+    assert d.training_code_version() == version
+    with open(copy / "training" / "train.py", "a") as f:
+        f.write("\n# a change\n")
+    assert d.training_code_version() != version
 
 
 def test_checks_report_completeness_and_quality(sweep):
@@ -164,8 +243,12 @@ def test_checks_report_completeness_and_quality(sweep):
     assert not comp.passed
     assert comp.metadata["missing"].value == 212 and comp.metadata["failed"].value == 1
     assert CRASHED.key in comp.metadata["failed_cells"].value
+    assert CRASHED.key in comp.description
     qg = evals["quality_gates"]
-    assert qg.metadata["verdict"].value == "GO", qg.metadata["gates"].value
+    assert qg.metadata["verdict"].value == "GO", qg.description
+    assert isinstance(qg.metadata["gates"], dg.TableMetadataValue)
+    fresh = evals["analysis_fresh"]
+    assert fresh.passed and "up to date" in fresh.description
 
 
 def test_export_files(sweep):
@@ -202,4 +285,19 @@ def test_rerun_replaces_rows_without_duplicates(sweep):
         ]
         == 44
     )
-    assert con.execute("SELECT attempts FROM runs WHERE run_id = ?", [OK[0].key]).fetchone()[0] == 2
+    assert (
+        con.execute("SELECT dagster_runs FROM runs WHERE run_id = ?", [OK[0].key]).fetchone()[0]
+        == 2
+    )
+
+
+def test_a_failing_quality_gate_names_its_runs(sweep):
+    """Runs last: it damages a published cell (rows missing) and re-analyses."""
+    instance, defs, _ = sweep
+    path = data_path("runs", OK[1].key, "batch_metrics.parquet")
+    df = pd.read_parquet(path)
+    df.iloc[:-5].to_parquet(path, index=False)
+    res = dg.materialize(downstream(defs), instance=instance, raise_on_error=False)
+    qg = {e.check_name: e for e in res.get_asset_check_evaluations()}["quality_gates"]
+    assert not qg.passed and qg.description.startswith("NO-GO")
+    assert OK[1].key in qg.description and OK[1].key in qg.metadata["failing_runs"].value

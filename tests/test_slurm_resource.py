@@ -434,7 +434,7 @@ def test_usr1_before_the_limit_checkpoints_then_resumes(slurm_cluster, tmp_path)
     again = materialize(tmp_path, cfg, {"epochs": 3}, tags={"deconflow/resume": "true"})
     assert again["success"], again
     md = again["metadata"]
-    assert md["attempts"] == 2 and md["steps"] == md["total_steps"] == 3 * per_epoch
+    assert md["resumes"] == 1 and md["steps"] == md["total_steps"] == 3 * per_epoch
     assert md["slurm_job_id"] != sent[0]
 
 

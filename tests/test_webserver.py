@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -21,7 +22,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 QUERY = """
 {
-  assetNodes { assetKey { path } groupName }
+  assetNodes {
+    assetKey { path } groupName description opVersion
+    owners { ... on TeamAssetOwner { team } ... on UserAssetOwner { email } }
+  }
   assetNodeOrError(assetKey: {path: ["training_run"]}) {
     ... on AssetNode {
       partitionStats { numMaterialized numPartitions numFailed }
@@ -99,7 +103,17 @@ def test_graphql_sees_the_graph_and_partition_statuses(webserver):
         "completeness": "analysis",
         "sweep_db": "warehouse",
         "export": "warehouse",
+        "sweep_report": "analysis",
     }
+    by_key = {"/".join(n["assetKey"]["path"]): n for n in data["assetNodes"]}
+    # Owners on every asset; a code version on the training asset; descriptions say
+    # `<cell key>` in code spans (Markdown would swallow a bare <cell key> as a tag).
+    assert all(n["owners"] for n in data["assetNodes"])
+    assert by_key["training_run"]["opVersion"]
+    assert "`data/runs/<cell key>/`" in by_key["training_run"]["description"]
+    for n in data["assetNodes"]:
+        outside_code = re.sub(r"`[^`]*`", "", n["description"])
+        assert not re.search(r"<[A-Za-z][^>]*>", outside_code), n["description"]
     node = data["assetNodeOrError"]
     assert node["partitionStats"] == {"numMaterialized": 2, "numPartitions": 216, "numFailed": 0}
     dims = {d["name"]: d["partitionKeys"] for d in node["partitionKeysByDimension"]}

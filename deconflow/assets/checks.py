@@ -1,11 +1,18 @@
-"""Asset checks shown in the Dagster UI: completeness and the GO / NO-GO quality gates."""
+"""Asset checks shown in the Dagster UI: completeness, the GO / NO-GO quality gates (naming
+the runs that fail them) and whether the analysis is behind the landed cells."""
+
+import re
 
 import dagster as dg
+import pandas as pd
 
 from deconflow import warehouse
-from deconflow.assets.tables import load_table
+from deconflow.assets import freshness
+from deconflow.assets.tables import load_table, table_value
 from deconflow.protocol import DIVERGED, FAILED, MATERIALIZED, MISSING, RUNNING
 from deconflow.settings import db_path
+from deconflow.sweep import Grid
+from deconflow.warehouse.database import snapshot_path
 
 
 @dg.asset_check(
@@ -19,40 +26,105 @@ def all_cells_materialized() -> dg.AssetCheckResult:
     missing = df.loc[df["status"] == MISSING, "run_id"].tolist()
     failed = df.loc[df["status"] == FAILED]
     running = df.loc[df["status"] == RUNNING, "run_id"].tolist()
+    meta = {
+        "done": int(done.sum()),
+        "cells": len(df),
+        "missing": len(missing),
+        "failed": len(failed),
+        "running": len(running),
+        "missing_cells": ", ".join(missing[:50]) + (" ..." if len(missing) > 50 else ""),
+        "failed_cells": "\n".join(f"{r.run_id}: {r.reason}" for r in failed.itertuples()) or "none",
+    }
+    if len(failed):
+        meta["failed_table"] = table_value(failed[["run_id", "status", "reason"]])
     return dg.AssetCheckResult(
         passed=bool(done.all()),
         severity=dg.AssetCheckSeverity.WARN,
-        description=f"{int(done.sum())} of {len(df)} cells done",
-        metadata={
-            "done": int(done.sum()),
-            "cells": len(df),
-            "missing": len(missing),
-            "failed": len(failed),
-            "running": len(running),
-            "missing_cells": ", ".join(missing[:50]) + (" ..." if len(missing) > 50 else ""),
-            "failed_cells": "\n".join(f"{r.run_id}: {r.reason}" for r in failed.itertuples())
-            or "none",
-        },
+        description=f"{int(done.sum())} of {len(df)} cells done"
+        + (f"; failed: {', '.join(failed['run_id'].head(5))}" if len(failed) else ""),
+        metadata=meta,
     )
+
+
+# A cell key inside free text (the gates' detail): variant__lr<x>_wd<y>_s<seed>.
+_CELL_KEY = re.compile(r"\b[A-Za-z0-9][A-Za-z0-9_.-]*__lr[0-9.e+-]+_wd[0-9.e+-]+_s\d+\b")
+
+
+def _runs_of(row) -> list[str]:
+    """The runs a gate names: its ``runs`` column when the gates provide one, else the cell
+    keys its detail text mentions."""
+    runs = getattr(row, "runs", None)
+    if runs is None or runs is pd.NA or (isinstance(runs, float) and runs != runs):
+        return sorted(set(_CELL_KEY.findall(str(getattr(row, "detail", "") or ""))))
+    if isinstance(runs, str):
+        return [r.strip() for r in runs.split(",") if r.strip()]
+    try:
+        return [str(r) for r in list(runs)]
+    except TypeError:
+        return []
+
+
+def gates_verdict(gates: pd.DataFrame) -> tuple[bool, str, dict]:
+    """(go, description, metadata) of a gates table; failing gates name their runs."""
+    go = bool(gates["passed"].all()) if len(gates) else True
+    failing = []
+    for g in gates.itertuples():
+        if bool(g.passed):
+            continue
+        runs = _runs_of(g)
+        shown = ", ".join(runs[:5]) + (f" and {len(runs) - 5} more" if len(runs) > 5 else "")
+        failing.append(
+            f"{g.gate}: {int(g.violations)} violation(s)" + (f" in {shown}" if runs else "")
+        )
+    table = gates.copy()
+    if "runs" in table.columns:
+        table["runs"] = [", ".join(_runs_of(r)) for r in gates.itertuples()]
+    meta = {
+        "verdict": "GO" if go else "NO-GO",
+        "gates": table_value(table),
+        **{
+            str(g.gate): ("pass" if bool(g.passed) else f"FAIL ({int(g.violations)})")
+            for g in gates.itertuples()
+        },
+    }
+    failing_runs = sorted(
+        {r for g in gates.itertuples() if not bool(g.passed) for r in _runs_of(g)}
+    )
+    if failing_runs:
+        meta["failing_runs"] = ", ".join(failing_runs[:100]) + (
+            " ..." if len(failing_runs) > 100 else ""
+        )
+    description = "GO" if go else "NO-GO: " + "; ".join(failing)
+    return go, description, meta
 
 
 @dg.asset_check(
     asset="sweep_db",
     description="Quality gates of SPEC section 4: value ranges, "
-    "no NaN outside diverged runs, knee epoch in [1, 20], logging frequencies.",
+    "no NaN outside diverged runs, knee epoch in [1, 20], logging frequencies. "
+    "A failing gate names its runs.",
 )
 def quality_gates() -> dg.AssetCheckResult:
-    gates = warehouse.quality_gates(db_path())
-    go = bool(gates["passed"].all())
-    return dg.AssetCheckResult(
-        passed=go,
-        description="GO" if go else "NO-GO",
-        metadata={
-            "verdict": "GO" if go else "NO-GO",
-            "gates": dg.MetadataValue.md(gates.to_markdown(index=False)),
-            **{
-                g.gate: ("pass" if g.passed else f"FAIL ({g.violations})")
-                for g in gates.itertuples()
-            },
-        },
+    gates = warehouse.quality_gates(snapshot_path(db_path()))
+    go, description, meta = gates_verdict(gates)
+    return dg.AssetCheckResult(passed=go, description=description, metadata=meta)
+
+
+def build_fresh_check(grid: Grid) -> dg.AssetChecksDefinition:
+    @dg.asset_check(
+        asset="sweep_db",
+        name=freshness.FRESH_CHECK,
+        description="Warns when cells landed (or training runs failed) after the published "
+        "analysis: Dagster's own staleness stops past 100 upstream partitions. Evaluated "
+        "with every analysis and by the `analysis_refresh` sensor between analyses.",
     )
+    def analysis_fresh(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        f = freshness.freshness(context.instance, grid.name)
+        return dg.AssetCheckResult(
+            passed=f["passed"],
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f["description"],
+            metadata=f["metadata"],
+        )
+
+    return analysis_fresh

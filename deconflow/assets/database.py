@@ -1,39 +1,81 @@
-"""``sweep_db`` publishes every table into one DuckDB file; ``export`` writes the
-dataset for the next stage of the research."""
+"""``sweep_db`` publishes the tables into the DuckDB file users query; ``export`` writes the
+dataset for the next stage of the research; ``sweep_report`` the one-page HTML report."""
 
 import time
 
 import dagster as dg
 
 from deconflow import warehouse
-from deconflow.assets.tables import load_table
+from deconflow.assets import freshness
+from deconflow.assets.tables import load_table, table_value
+from deconflow.report import FIGURES, build_report, report_dir
 from deconflow.settings import db_path, export_dir, runs_dir
 from deconflow.sweep import Grid
+from deconflow.warehouse.database import WarehouseError, publish_database, scan_published
 
 TABLES = ["runs", "run_settings", "run_fits", "hypotheses", "hypotheses_excluded", "completeness"]
 
 
 def build_database_assets(grid: Grid) -> list[dg.AssetsDefinition]:
+    n_cells = len(grid)
+    keys = frozenset(c.key for c in grid.cells)
+
     @dg.asset(
         deps=["runs", "run_fits", "hypotheses", "completeness"],
         group_name="warehouse",
         kinds={"duckdb"},
         pool="duckdb",
-        description="The DuckDB file users query (default data/deconflow.duckdb): metrics "
-        "tables from the runs' Parquet plus the analysis tables. Built as a fresh file and "
-        "renamed into place, so readers never meet a lock or a half-written database.",
+        description="The DuckDB file users query (default `data/deconflow.duckdb`, open it "
+        "read-only). Metric families are views over the published Parquet, the analysis "
+        "tables real tables; each publication is a new small file renamed into place, so "
+        "publishing costs what landed since, and readers never meet a lock or a half-written "
+        "table. The `analysis_fresh` check says whether cells landed since.",
     )
     def sweep_db(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        state = freshness.landings(context.instance, grid.name)
         t0 = time.monotonic()
-        published = warehouse.published_runs(runs_dir(), grid)
-        counts = warehouse.build_database(
-            db_path(), published, {name: load_table(name) for name in TABLES}
+        published = scan_published(runs_dir(), keys)  # one directory scan at any sweep size
+        info = {
+            "newest_landing_event_id": state.event_id,
+            "newest_landing_cell": state.cell,
+        }
+        try:
+            report = publish_database(
+                db_path(),
+                published,
+                {name: load_table(name) for name in TABLES},
+                info,
+                log=context.log.warning,
+            )
+        except WarehouseError as e:
+            raise dg.Failure(description=str(e)) from None
+        secs = time.monotonic() - t0
+        counts = report["counts"]
+        context.log.info(
+            f"published {db_path()} (snapshot {report['seq']}) in {secs:.2f}s: "
+            f"{len(report['new'])} new, {len(report['changed'])} re-run, "
+            f"{len(report['removed'])} removed cells; timings {report['timings']}"
         )
-        context.log.info(f"published {db_path()} in {time.monotonic() - t0:.1f}s: {counts}")
         return dg.MaterializeResult(
             metadata={
+                **freshness.coverage_metadata(state, len(published), n_cells),
                 "path": dg.MetadataValue.path(str(db_path())),
+                "open_with": dg.MetadataValue.md(
+                    f'`duckdb -readonly {db_path()}` or `deconflow sql "SELECT ..."`'
+                ),
+                "snapshot": report["seq"],
+                "publish_seconds": round(secs, 3),
+                "cells_new": len(report["new"]),
+                "cells_rerun": len(report["changed"]),
+                "cells_removed": len(report["removed"]),
+                "parquet_files": report["files"],
+                "tables": table_value(_counts_frame(counts), max_rows=len(counts)),
                 **{f"rows_{k}": v for k, v in counts.items()},
+                **(
+                    {"kept_user_changes": ", ".join(report["preserved"])}
+                    if report["preserved"]
+                    else {}
+                ),
             }
         )
 
@@ -41,18 +83,64 @@ def build_database_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         deps=[sweep_db],
         group_name="warehouse",
         kinds={"csv", "parquet"},
-        description="Tier-4 export under data/export/: run_fits.csv (no scientific "
-        "notation), metadata.json (rows, date, columns and types), timeseries/<run>.parquet.",
+        description="Tier-4 export under `data/export/`: run_fits.csv (no scientific "
+        "notation), metadata.json (rows, date, columns and types), "
+        "`timeseries/<cell key>.parquet`.",
     )
-    def export() -> dg.MaterializeResult:
+    def export(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        state = freshness.landings(context.instance, grid.name)
         published = warehouse.published_runs(runs_dir(), grid)
         meta = warehouse.export_dataset(load_table("run_fits"), published, export_dir())
         return dg.MaterializeResult(
             metadata={
+                **freshness.coverage_metadata(state, len(published), n_cells),
                 "folder": dg.MetadataValue.path(str(export_dir())),
                 "rows": meta["row_count"],
                 "timeseries_files": len(published),
             }
         )
 
-    return [sweep_db, export]
+    @dg.asset(
+        deps=["run_fits", "hypotheses", "completeness"],
+        group_name="analysis",
+        kinds={"html"},
+        description="One self-contained HTML page (`data/report/index.html`): completeness "
+        "heat-map, loss curves with fits per variant, R² histogram, alpha_early vs best "
+        "validation CE per variant, hypotheses table. Open the `url` or `path` in its "
+        "materialization.",
+    )
+    def sweep_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        state = freshness.landings(context.instance, grid.name)
+        fits = load_table("run_fits")
+        out = report_dir() / "index.html"
+        cov = freshness.coverage_metadata(state, len(fits), n_cells)
+        text = cov["coverage"]
+        if state.cell:
+            text += f", newest landing {state.cell}"
+        info = build_report(
+            out,
+            title=f"deconflow sweep report: {grid.name}",
+            coverage={"text": text},
+            completeness=load_table("completeness"),
+            fits=fits,
+            hypotheses=load_table("hypotheses"),
+            excluded=load_table("hypotheses_excluded"),
+            figures=report_dir() / FIGURES,
+        )
+        return dg.MaterializeResult(
+            metadata={
+                **cov,
+                "url": dg.MetadataValue.url(out.resolve().as_uri()),
+                "path": dg.MetadataValue.path(str(out.resolve())),
+                "images": info["images"],
+                "size_kb": round(info["bytes"] / 1024, 1),
+            }
+        )
+
+    return [sweep_db, export, sweep_report]
+
+
+def _counts_frame(counts: dict):
+    import pandas as pd
+
+    return pd.DataFrame({"table": list(counts), "rows": [int(v) for v in counts.values()]})

@@ -50,6 +50,12 @@ def run_cell(cell: Cell, cfg, out: Path, pipes=None) -> dict:
             pipes.report_custom_message({"kind": "progress", **info})
 
     summary = train(cell, cfg, out, log=log, progress=progress)
+    try:  # the run's picture (published with its metrics); a picture never fails a run
+        from deconflow.training.curve_plot import write_learning_curve
+
+        write_learning_curve(out, title=cell.key)
+    except Exception as e:
+        log(f"learning curve not drawn: {type(e).__name__}: {e}")
     if pipes is not None:
         meta = {k: _clean(summary.get(k)) for k in METADATA_FIELDS}
         meta["run_dir"] = str(out)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from deconflow import warehouse
 from deconflow.protocol import DIVERGED, FAILED, MATERIALIZED, MISSING, RUNNING
 from deconflow.settings import db_path, runs_dir
 from deconflow.sweep import Cell, Grid
+from deconflow.warehouse import publish as publish_mod
+from deconflow.warehouse import tables as tables_mod
 
 SYMBOLS = {MATERIALIZED: "#", DIVERGED: "D", RUNNING: "~", FAILED: "F", MISSING: "."}
 
@@ -19,8 +20,8 @@ def live_runs_table(grid: Grid, instance) -> pd.DataFrame:
     """The ``runs`` table as it stands now (Dagster instance + published run folders)."""
     from deconflow.dagster_state import partition_states
 
-    published = warehouse.published_runs(runs_dir(), grid)
-    return warehouse.runs_table(grid, published, partition_states(instance, grid.name))
+    published = publish_mod.published_runs(runs_dir(), grid)
+    return tables_mod.runs_table(grid, published, partition_states(instance, grid.name))
 
 
 def format_grid(grid: Grid, runs: pd.DataFrame) -> str:

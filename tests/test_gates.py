@@ -14,12 +14,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from deconflow import warehouse
 from deconflow.analysis import hypotheses_table
 from deconflow.analysis.hypotheses import REASON_NO_BURN_IN
 from deconflow.parquet_io import read_parquet, write_parquet
 from deconflow.profiles import get_profile
 from deconflow.sweep import Cell, grid_from_dict
+from deconflow.warehouse import database as database_mod
+from deconflow.warehouse import export as export_mod
+from deconflow.warehouse import gates as gates_mod
+from deconflow.warehouse import publish as publish_mod
+from deconflow.warehouse import tables as tables_mod
 from tests.synthetic_runs import write_run
 
 GRID = grid_from_dict(
@@ -95,22 +99,22 @@ EDITS = {
 
 def _publish(root, runs: dict) -> tuple[dict, dict]:
     """The analysis tables as the assets make them (through Parquet), then the database."""
-    published = warehouse.published_runs(root / "runs", GRID)
-    runs_df = warehouse.runs_table(GRID, published, {})
-    fits = warehouse.run_fits(published)
+    published = publish_mod.published_runs(root / "runs", GRID)
+    runs_df = tables_mod.runs_table(GRID, published, {})
+    fits = tables_mod.run_fits(published)
     results, excluded = hypotheses_table(fits, n_boot=100)
     tables = {
         "runs": runs_df,
-        "run_settings": warehouse.run_settings(published),
+        "run_settings": tables_mod.run_settings(published),
         "run_fits": fits,
         "hypotheses": results,
         "hypotheses_excluded": excluded,
-        "completeness": warehouse.completeness(runs_df),
+        "completeness": tables_mod.completeness(runs_df),
     }
     for name, df in tables.items():  # save_table / load_table
         write_parquet(root / "tables" / f"{name}.parquet", df)
         tables[name] = read_parquet(root / "tables" / f"{name}.parquet")
-    warehouse.build_database(root / "deconflow.duckdb", published, tables)
+    database_mod.build_database(root / "deconflow.duckdb", published, tables)
     return published, tables
 
 
@@ -125,7 +129,7 @@ def faulty(tmp_path_factory):
         else:
             write_run(root / "runs", c, edit=EDITS.get(c))
     _publish(root, {})
-    gates = warehouse.quality_gates(root / "deconflow.duckdb")
+    gates = gates_mod.quality_gates(root / "deconflow.duckdb")
     return root, gates.set_index("gate")
 
 
@@ -147,7 +151,7 @@ def _runs_of(gates: pd.DataFrame, gate: str) -> set[str]:
 
 def test_clean_sweep_is_go(clean):
     root, _, _ = clean
-    gates = warehouse.quality_gates(root / "deconflow.duckdb")
+    gates = gates_mod.quality_gates(root / "deconflow.duckdb")
     assert list(gates.columns[:4]) == ["gate", "passed", "severity", "violations"]
     assert {"detail", "runs", "n_runs"} <= set(gates.columns)
     assert gates["passed"].all(), gates[~gates["passed"]].to_dict("records")
@@ -267,8 +271,8 @@ def test_empty_tables_keep_their_types(clean):
     results, excluded = hypotheses_table(fits[fits["alpha_early"].notna()], n_boot=10)
     empty = {
         "hypotheses_excluded": excluded,
-        "run_fits": warehouse.run_fits({}),
-        "run_settings": warehouse.run_settings({}),
+        "run_fits": tables_mod.run_fits({}),
+        "run_settings": tables_mod.run_settings({}),
         "runs": tables["runs"].iloc[0:0],
     }
     assert len(excluded) == 0
@@ -298,9 +302,9 @@ def test_run_fits_use_the_profiles_windows(clean):
 
 def test_export_states_missing_values_and_series_types(faulty, tmp_path):
     root, _ = faulty
-    published = warehouse.published_runs(root / "runs", GRID)
+    published = publish_mod.published_runs(root / "runs", GRID)
     fits = read_parquet(root / "tables" / "run_fits.parquet")
-    meta = warehouse.export_dataset(fits, published, tmp_path)
+    meta = export_mod.export_dataset(fits, published, tmp_path)
     assert meta["csv"]["missing_values"].startswith("empty field")
     ts = {c["name"]: c for c in meta["timeseries"]["columns"]}
     assert ts["step"]["type"] == "int64" and ts["run_id"]["type"] == "string"
@@ -333,7 +337,7 @@ def test_readme_explains_every_column():
         section.index("`run_fits` columns:") : section.index("`hypotheses` columns:")
     ]
     hyp_part = section[section.index("`hypotheses` columns:") : section.index("**Quality gates**")]
-    for column in warehouse.FIT_COLUMNS:
+    for column in tables_mod.FIT_COLUMNS:
         assert f"| {column}" in fits_part or f", {column}" in fits_part, column
     for column in RESULT_COLUMNS:
         assert f"| {column}" in hyp_part or f", {column}" in hyp_part, column

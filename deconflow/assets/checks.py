@@ -2,17 +2,18 @@
 the runs that fail them) and whether the analysis is behind the landed cells."""
 
 import re
+from typing import TYPE_CHECKING
 
 import dagster as dg
-import pandas as pd
 
-from deconflow import warehouse
+if TYPE_CHECKING:  # heavy libraries load in asset bodies, not in every run worker
+    import pandas as pd
+
 from deconflow.assets import freshness
 from deconflow.assets.tables import load_table, table_value
 from deconflow.protocol import DIVERGED, FAILED, MATERIALIZED, MISSING, RUNNING
 from deconflow.settings import db_path
 from deconflow.sweep import Grid
-from deconflow.warehouse.database import snapshot_path
 
 
 @dg.asset_check(
@@ -53,6 +54,8 @@ _CELL_KEY = re.compile(r"\b[A-Za-z0-9][A-Za-z0-9_.-]*__lr[0-9.e+-]+_wd[0-9.e+-]+
 def _runs_of(row) -> list[str]:
     """The runs a gate names: its ``runs`` column when the gates provide one, else the cell
     keys its detail text mentions."""
+    import pandas as pd
+
     runs = getattr(row, "runs", None)
     if runs is None or runs is pd.NA or (isinstance(runs, float) and runs != runs):
         return sorted(set(_CELL_KEY.findall(str(getattr(row, "detail", "") or ""))))
@@ -64,7 +67,7 @@ def _runs_of(row) -> list[str]:
         return []
 
 
-def gates_verdict(gates: pd.DataFrame) -> tuple[bool, str, dict]:
+def gates_verdict(gates: "pd.DataFrame") -> tuple[bool, str, dict]:
     """(go, description, metadata) of a gates table; failing gates name their runs."""
     go = bool(gates["passed"].all()) if len(gates) else True
     failing = []
@@ -105,7 +108,10 @@ def gates_verdict(gates: pd.DataFrame) -> tuple[bool, str, dict]:
     "A failing gate names its runs.",
 )
 def quality_gates() -> dg.AssetCheckResult:
-    gates = warehouse.quality_gates(snapshot_path(db_path()))
+    from deconflow.warehouse import gates as gates_mod
+    from deconflow.warehouse.database import snapshot_path
+
+    gates = gates_mod.quality_gates(snapshot_path(db_path()))
     go, description, meta = gates_verdict(gates)
     return dg.AssetCheckResult(passed=go, description=description, metadata=meta)
 

@@ -5,13 +5,10 @@ import time
 
 import dagster as dg
 
-from deconflow import warehouse
 from deconflow.assets import freshness
 from deconflow.assets.tables import load_table, table_value
-from deconflow.report import FIGURES, build_report, report_dir
 from deconflow.settings import db_path, export_dir, runs_dir
 from deconflow.sweep import Grid
-from deconflow.warehouse.database import WarehouseError, publish_database, scan_published
 
 TABLES = ["runs", "run_settings", "run_fits", "hypotheses", "hypotheses_excluded", "completeness"]
 
@@ -32,6 +29,8 @@ def build_database_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         "table. The `analysis_fresh` check says whether cells landed since.",
     )
     def sweep_db(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from deconflow.warehouse.database import WarehouseError, publish_database, scan_published
+
         state = freshness.landings(context.instance, grid.name)
         t0 = time.monotonic()
         published = scan_published(runs_dir(), keys)  # one directory scan at any sweep size
@@ -88,9 +87,12 @@ def build_database_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         "`timeseries/<cell key>.parquet`.",
     )
     def export(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from deconflow.warehouse import export as export_mod
+        from deconflow.warehouse import publish as publish_mod
+
         state = freshness.landings(context.instance, grid.name)
-        published = warehouse.published_runs(runs_dir(), grid)
-        meta = warehouse.export_dataset(load_table("run_fits"), published, export_dir())
+        published = publish_mod.published_runs(runs_dir(), grid)
+        meta = export_mod.export_dataset(load_table("run_fits"), published, export_dir())
         return dg.MaterializeResult(
             metadata={
                 **freshness.coverage_metadata(state, len(published), n_cells),
@@ -110,6 +112,8 @@ def build_database_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         "materialization.",
     )
     def sweep_report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from deconflow.report import FIGURES, build_report, report_dir
+
         state = freshness.landings(context.instance, grid.name)
         fits = load_table("run_fits")
         out = report_dir() / "index.html"

@@ -11,20 +11,18 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
-import pandas as pd
 
-from deconflow import warehouse
+if TYPE_CHECKING:  # heavy libraries load in asset bodies, not in every run worker
+    import pandas as pd
+
 from deconflow.assets import freshness
 from deconflow.dagster_state import partition_states
-from deconflow.parquet_io import write_parquet
 from deconflow.protocol import DIVERGED, MATERIALIZED
-from deconflow.report import figure_path, save_figure
 from deconflow.settings import runs_dir, tables_dir
 from deconflow.sweep import Grid
-from deconflow.warehouse.database import cell_signature
 
 TABLE_ROWS = 500  # rows shown in a table's metadata (the whole table is in DuckDB)
 
@@ -32,14 +30,14 @@ TABLE_ROWS = 500  # rows shown in a table's metadata (the whole table is in Duck
 PUBLIC_NAMES = {"attempts": "dagster_runs"}
 
 
-def public(df: pd.DataFrame) -> pd.DataFrame:
+def public(df: "pd.DataFrame") -> "pd.DataFrame":
     """``attempts`` (Dagster runs of the cell) is published as ``dagster_runs``."""
     return df.rename(
         columns={k: v for k, v in PUBLIC_NAMES.items() if k in df.columns and v not in df.columns}
     )
 
 
-def with_internal(df: pd.DataFrame) -> pd.DataFrame:
+def with_internal(df: "pd.DataFrame") -> "pd.DataFrame":
     """The public table plus the internal alias the warehouse functions read."""
     df = df.copy()
     for k, v in PUBLIC_NAMES.items():
@@ -56,11 +54,15 @@ class HypothesesConfig(dg.Config):
     h1_smoothing: Literal["raw", "epoch_mean"] = "raw"
 
 
-def save_table(name: str, df: pd.DataFrame) -> None:
+def save_table(name: str, df: "pd.DataFrame") -> None:
+    from deconflow.parquet_io import write_parquet
+
     write_parquet(tables_dir() / f"{name}.parquet", df)
 
 
-def load_table(name: str) -> pd.DataFrame:
+def load_table(name: str) -> "pd.DataFrame":
+    import pandas as pd
+
     path = tables_dir() / f"{name}.parquet"
     if not path.exists():
         raise dg.Failure(f"table {name} has not been computed yet ({path} is missing)")
@@ -71,6 +73,8 @@ def load_table(name: str) -> pd.DataFrame:
 
 
 def _column_type(dtype) -> str:
+    import pandas as pd
+
     if pd.api.types.is_bool_dtype(dtype):
         return "bool"
     if pd.api.types.is_integer_dtype(dtype):
@@ -83,6 +87,8 @@ def _column_type(dtype) -> str:
 
 
 def _cell_value(v):
+    import pandas as pd
+
     if v is None or v is pd.NA or v is pd.NaT:
         return None
     if isinstance(v, float):
@@ -96,7 +102,7 @@ def _cell_value(v):
     return str(v)
 
 
-def table_schema(df: pd.DataFrame, descriptions: dict[str, str] | None = None) -> dg.TableSchema:
+def table_schema(df: "pd.DataFrame", descriptions: dict[str, str] | None = None) -> dg.TableSchema:
     descriptions = descriptions or {}
     return dg.TableSchema(
         columns=[
@@ -106,7 +112,7 @@ def table_schema(df: pd.DataFrame, descriptions: dict[str, str] | None = None) -
     )
 
 
-def table_value(df: pd.DataFrame, max_rows: int = TABLE_ROWS) -> dg.MetadataValue:
+def table_value(df: "pd.DataFrame", max_rows: int = TABLE_ROWS) -> dg.MetadataValue:
     """A Dagster table (rendered as a real table in the UI) of the first ``max_rows`` rows."""
     records = [
         dg.TableRecord({str(k): _cell_value(v) for k, v in row.items()})
@@ -115,7 +121,7 @@ def table_value(df: pd.DataFrame, max_rows: int = TABLE_ROWS) -> dg.MetadataValu
     return dg.MetadataValue.table(records=records, schema=table_schema(df))
 
 
-def table_metadata(df: pd.DataFrame, name: str, max_rows: int = TABLE_ROWS) -> dict:
+def table_metadata(df: "pd.DataFrame", name: str, max_rows: int = TABLE_ROWS) -> dict:
     """Row count, column schema and the rows, under Dagster's standard keys."""
     shown = min(len(df), max_rows)
     return {
@@ -133,18 +139,24 @@ def _analysis_version() -> str:
     """Changes when the fit code changes: cached fits are then recomputed."""
     import deconflow.analysis as analysis
     import deconflow.warehouse.tables as wt
+    from deconflow.warehouse import tables as tables_mod
 
     h = hashlib.sha1()
     for p in sorted(Path(analysis.__file__).parent.glob("*.py")) + [Path(wt.__file__)]:
         h.update(p.read_bytes())
-    h.update(json.dumps(list(warehouse.FIT_COLUMNS)).encode())
+    h.update(json.dumps(list(tables_mod.FIT_COLUMNS)).encode())
     return h.hexdigest()[:16]
 
 
-def incremental_fits(published: dict[str, Path]) -> tuple[pd.DataFrame, dict, int]:
+def incremental_fits(published: dict[str, Path]) -> "tuple[pd.DataFrame, dict, int]":
     """run_fits for ``published``, refitting only new or re-run cells.
 
     Returns (table, cache to save once the table is saved, number of cells refitted)."""
+    import pandas as pd
+
+    from deconflow.warehouse import tables as tables_mod
+    from deconflow.warehouse.database import cell_signature
+
     cache_path = tables_dir() / ".run_fits_cache.json"
     version = _analysis_version()
     sigs = {}
@@ -166,7 +178,7 @@ def incremental_fits(published: dict[str, Path]) -> tuple[pd.DataFrame, dict, in
     if old is not None and "run_id" in old.columns:
         keep &= set(old["run_id"])
     todo = {k: d for k, d in published.items() if k not in keep}
-    fresh = warehouse.run_fits(todo) if todo else None
+    fresh = tables_mod.run_fits(todo) if todo else None
     parts = []
     if keep and old is not None:
         parts.append(old[old["run_id"].isin(keep)])
@@ -177,7 +189,7 @@ def incremental_fits(published: dict[str, Path]) -> tuple[pd.DataFrame, dict, in
         order = {k: i for i, k in enumerate(published)}
         fits = fits.sort_values("run_id", key=lambda s: s.map(order)).reset_index(drop=True)
     else:
-        fits = warehouse.run_fits({})
+        fits = tables_mod.run_fits({})
     return fits, {"version": version, "sigs": {k: sigs[k] for k in keep | set(todo)}}, len(todo)
 
 
@@ -202,12 +214,15 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         "wall time, SLURM job id, failure class (the `runs` table).",
     )
     def runs(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from deconflow.warehouse import publish as publish_mod
+        from deconflow.warehouse import tables as tables_mod
+
         state = freshness.landings(context.instance, grid.name)  # before reading the folders
-        published = warehouse.published_runs(runs_dir(), grid)
+        published = publish_mod.published_runs(runs_dir(), grid)
         states = partition_states(context.instance, grid.name)
-        df = public(warehouse.runs_table(grid, published, states))
+        df = public(tables_mod.runs_table(grid, published, states))
         save_table("runs", df)
-        save_table("run_settings", warehouse.run_settings(published))
+        save_table("run_settings", tables_mod.run_settings(published))
         counts = df["status"].value_counts().to_dict()
         return dg.MaterializeResult(
             metadata={
@@ -227,8 +242,13 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         "variant, and the R² histogram.",
     )
     def run_fits(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        import pandas as pd
+
+        from deconflow.report import save_figure
+        from deconflow.warehouse import publish as publish_mod
+
         state = freshness.landings(context.instance, grid.name)
-        published = warehouse.published_runs(runs_dir(), grid)
+        published = publish_mod.published_runs(runs_dir(), grid)
         fits, cache, refitted = incremental_fits(published)
         save_table("run_fits", fits)
         _save_fits_cache(cache)
@@ -266,7 +286,10 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
     def hypotheses(
         context: dg.AssetExecutionContext, config: HypothesesConfig
     ) -> dg.MaterializeResult:
+        import pandas as pd
+
         from deconflow.analysis.hypotheses import hypotheses_table
+        from deconflow.report import save_figure
 
         state = freshness.landings(context.instance, grid.name)
         fits = load_table("run_fits")
@@ -302,9 +325,11 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
     )
     def completeness(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         from deconflow.assets import plots
+        from deconflow.report import save_figure
+        from deconflow.warehouse import tables as tables_mod
 
         state = freshness.landings(context.instance, grid.name)
-        df = public(warehouse.completeness(with_internal(load_table("runs"))))
+        df = public(tables_mod.completeness(with_internal(load_table("runs"))))
         save_table("completeness", df)
         counts = df["status"].value_counts().to_dict()
         data = plots.completeness_heatmap(df)
@@ -325,7 +350,6 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
 
 __all__ = [
     "build_table_assets",
-    "figure_path",
     "load_table",
     "public",
     "save_table",

@@ -21,7 +21,7 @@ from deconflow.resources.compute import ComputeResource
 from deconflow.resources.sweep_settings import SweepSettings
 from deconflow.settings import runs_dir, work_dir
 from deconflow.sweep import Grid
-from deconflow.warehouse import publish_run
+from deconflow.warehouse.publish import publish_run
 
 
 def _attempt(context, compute: ComputeResource, sweep: SweepSettings, cell, work, overrides):

@@ -5,32 +5,7 @@
 - :mod:`~deconflow.warehouse.database`: the DuckDB file, built by one writer;
 - :mod:`~deconflow.warehouse.gates`: quality gates (GO / NO-GO) on that file;
 - :mod:`~deconflow.warehouse.export`: the CSV + metadata + time-series export.
+
+Import the submodule you need: this package imports none of them, so code that only
+publishes a run folder (the training asset, in every run worker) loads no pandas or DuckDB.
 """
-
-from deconflow.warehouse.database import build_database
-from deconflow.warehouse.export import export_dataset
-from deconflow.warehouse.gates import quality_gates
-from deconflow.warehouse.publish import publish_run, published_runs, read_summary
-from deconflow.warehouse.tables import (
-    FIT_COLUMNS,
-    cell_status,
-    completeness,
-    run_fits,
-    run_settings,
-    runs_table,
-)
-
-__all__ = [
-    "FIT_COLUMNS",
-    "build_database",
-    "cell_status",
-    "completeness",
-    "export_dataset",
-    "publish_run",
-    "published_runs",
-    "quality_gates",
-    "read_summary",
-    "run_fits",
-    "run_settings",
-    "runs_table",
-]

@@ -164,6 +164,10 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/deconflow-scale")
     ap.add_argument("--restart-at", type=float, default=0.33, help="fraction landed")
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--grid", default=None, help="a grid TOML (default: the 216-cell grid)")
+    ap.add_argument(
+        "--keep-cluster", action="store_true", help="use the running cluster as it is (smoke run)"
+    )
     args = ap.parse_args()
 
     from deconflow_dev import postgres
@@ -176,13 +180,16 @@ def main() -> int:
 
     # The cluster with the slots asked for (restarted: its config is rendered on `up`).
     state = cluster.default_state_dir()
-    cluster.down(state)
-    os.environ.update(
-        DECONFLOW_SLURM_GPUS=str(args.slots // 2),
-        DECONFLOW_SLURM_SHARDS=str(args.slots),
-        DECONFLOW_SLURM_CPUS=str(args.slots),
-    )
+    if not args.keep_cluster:
+        cluster.down(state)
+        os.environ.update(
+            DECONFLOW_SLURM_GPUS=str(args.slots // 2),
+            DECONFLOW_SLURM_SHARDS=str(args.slots),
+            DECONFLOW_SLURM_CPUS=str(args.slots),
+        )
     info = cluster.up(state)
+    if args.grid:
+        os.environ["DECONFLOW_GRID"] = str(Path(args.grid).resolve())
     pg = postgres.up(postgres.default_state_dir())
     url = postgres.reset_database(pg, "dcf_scale")
 
@@ -281,6 +288,8 @@ def main() -> int:
     (out / "scale_report.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))
 
+    if args.keep_cluster:
+        return 0 if report["proof"]["all_ok"] else 1
     # Back to the default cluster for the tests.
     cluster.down(state)
     for k in ("DECONFLOW_SLURM_GPUS", "DECONFLOW_SLURM_SHARDS", "DECONFLOW_SLURM_CPUS"):
@@ -314,7 +323,7 @@ def collect(instance, env, data, url, grid, orch, wall, restarted_at, restart_ga
     jobs = [ln.split("|") for ln in sacct if "|scale-" in ln]
     cancelled = [j for j in jobs if j[2].startswith("CANCELLED")]
     mat_time: dict[str, float] = {}
-    for rec in instance.fetch_materializations(key, limit=100_000).records:
+    for rec in instance.fetch_materializations(key, limit=10_000).records:
         part = rec.event_log_entry.dagster_event.partition
         mat_time[part] = max(mat_time.get(part, 0.0), rec.event_log_entry.timestamp)
     reattached = 0

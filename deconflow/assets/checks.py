@@ -86,7 +86,13 @@ def gates_verdict(gates: "pd.DataFrame") -> tuple[bool, str, dict]:
         "verdict": "GO" if go else "NO-GO",
         "gates": table_value(table),
         **{
-            str(g.gate): ("pass" if bool(g.passed) else f"FAIL ({int(g.violations)})")
+            str(g.gate): (
+                f"FAIL ({int(g.violations)})"
+                if not bool(g.passed)
+                else f"WARN ({int(g.violations)})"
+                if int(g.violations)
+                else "pass"
+            )
             for g in gates.itertuples()
         },
     }

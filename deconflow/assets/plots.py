@@ -219,7 +219,7 @@ def alpha_scatter(fits: pd.DataFrame) -> bytes:
             else math.nan
         )
         ax.set_title(f"{variant}: Pearson r {rho:.2f} (n={int(ok.sum())})", fontsize=8)
-        ax.set_xlabel("alpha_early (slope, epochs 5-15)", fontsize=7)
+        ax.set_xlabel("alpha_early (slope over the profile's early epochs)", fontsize=7)
         ax.tick_params(labelsize=6)
     axes[0][0].set_ylabel("best validation CE", fontsize=7)
     axes[0][-1].legend(fontsize=6)

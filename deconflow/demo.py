@@ -57,23 +57,23 @@ def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
         f"Dagster home {home}"
     )
     t0 = time.monotonic()
-    failed = materialize_cells(cells, workers)
-    ok, checks = analyse()
+    failed = materialize_cells(cells, workers, launched_by="deconflow demo")
+    ok, checks = analyse(launched_by="deconflow demo")
     with dg.DagsterInstance.get() as instance:
         runs = live_runs_table(grid, instance)
 
     print("\n== completeness (variant x hp) ==")
     print(format_grid(grid, runs))
     for name, ev in checks.items():
-        verdict = ev.metadata.get("verdict")
+        verdict = ev["metadata"].get("verdict")
         print(
-            f"check {name}: {'passed' if ev.passed else 'failed'}"
-            + (f" ({verdict.value})" if verdict else "")
-            + (f" - {ev.description}" if ev.description else "")
+            f"check {name}: {'passed' if ev['passed'] else 'failed'}"
+            + (f" ({verdict})" if verdict else "")
+            + (f" - {ev['description']}" if ev["description"] else "")
         )
-        for key, value in ev.metadata.items():
-            if isinstance(value.value, str) and value.value.startswith("FAIL"):
-                print(f"  gate {key}: {value.value}")
+        for key, value in ev["metadata"].items():
+            if isinstance(value, str) and value.startswith("FAIL"):
+                print(f"  gate {key}: {value}")
 
     print("\n== hypotheses ==")
     hyp = run_sql(

@@ -9,6 +9,7 @@ other values are added to the grid.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -150,36 +151,72 @@ class Grid:
         )
 
 
-def _unique(name: str, values: list) -> tuple:
+GRID_FIELDS = ("name", "variants", "lr", "weight_decay", "seed")
+
+
+def _is_number(x: object) -> bool:
+    """A TOML number: int or float, never a bool (``true`` is not 1) or a string."""
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _typed_list(source: str, name: str, values: object, kind: str) -> tuple:
+    """One grid axis: a non-empty list of unique values of one type, nothing nested."""
     if not isinstance(values, list) or not values:
-        raise GridError(f"grid field {name!r} must be a non-empty list")
+        raise GridError(f"{source}: grid field {name!r} must be a non-empty list, got {values!r}")
+    for x in values:
+        ok = {
+            "number": _is_number(x),
+            "integer": isinstance(x, int) and not isinstance(x, bool),
+            "string": isinstance(x, str),
+        }[kind]
+        if not ok:
+            raise GridError(
+                f"{source}: grid field {name!r} must hold {kind}s only, got {x!r} "
+                f"({type(x).__name__}) in {values!r}"
+            )
     if len(set(values)) != len(values):
-        raise GridError(f"grid field {name!r} has duplicate values: {values}")
+        raise GridError(f"{source}: grid field {name!r} has duplicate values: {values}")
     return tuple(values)
 
 
 def grid_from_dict(data: dict, source: str = "<grid>") -> Grid:
-    missing = [k for k in ("variants", "lr", "weight_decay", "seed") if k not in data]
+    """A grid from parsed TOML: typed values (numbers are numbers), unknown keys rejected."""
+    if not isinstance(data, dict):
+        raise GridError(f"{source}: a grid must be a table of fields, got {type(data).__name__}")
+    unknown = [k for k in data if k not in GRID_FIELDS]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), GRID_FIELDS, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise GridError(
+            f"{source}: unknown grid field(s) {', '.join(hints)}; expected {', '.join(GRID_FIELDS)}"
+        )
+    missing = [k for k in GRID_FIELDS[1:] if k not in data]
     if missing:
         raise GridError(f"{source}: missing grid field(s) {', '.join(missing)}")
-    variants = _unique("variants", data["variants"])
-    lrs = _unique("lr", [float(x) for x in data["lr"]] if isinstance(data["lr"], list) else None)
-    wds = _unique(
-        "weight_decay",
-        [float(x) for x in data["weight_decay"]]
-        if isinstance(data["weight_decay"], list)
-        else None,
-    )
-    seeds = _unique("seed", data["seed"])
+    if "name" in data and not (isinstance(data["name"], str) and data["name"].strip()):
+        raise GridError(f"{source}: grid name must be a non-empty string, got {data['name']!r}")
+    variants = _typed_list(source, "variants", data["variants"], "string")
+    lrs = tuple(float(x) for x in _typed_list(source, "lr", data["lr"], "number"))
+    wd_values = _typed_list(source, "weight_decay", data["weight_decay"], "number")
+    wds = tuple(float(x) for x in wd_values)
+    seeds = _typed_list(source, "seed", data["seed"], "integer")
+    for name, values in (("lr", lrs), ("weight_decay", wds)):
+        if len(set(values)) != len(values):  # 1 and 1.0
+            raise GridError(f"{source}: grid field {name!r} has duplicate values: {list(values)}")
     # Validate every axis value once through Cell.
-    for v in variants:
-        Cell(v, lrs[0], wds[0], seeds[0])
-    for lr in lrs:
-        Cell(variants[0], lr, wds[0], seeds[0])
-    for wd in wds:
-        Cell(variants[0], lrs[0], wd, seeds[0])
-    for s in seeds:
-        Cell(variants[0], lrs[0], wds[0], s)
+    try:
+        for v in variants:
+            Cell(v, lrs[0], wds[0], seeds[0])
+        for lr in lrs:
+            Cell(variants[0], lr, wds[0], seeds[0])
+        for wd in wds:
+            Cell(variants[0], lrs[0], wd, seeds[0])
+        for s in seeds:
+            Cell(variants[0], lrs[0], wds[0], s)
+    except GridError as e:
+        raise GridError(f"{source}: {e}") from None
     return Grid(variants, lrs, wds, seeds, name=str(data.get("name", "loss-slope-sweep")))
 
 

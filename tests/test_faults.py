@@ -374,3 +374,72 @@ def test_daemon_restarted_in_the_middle_of_a_backfill(tmp_path) -> None:
                     os.killpg(p.pid, signal.SIGKILL)
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+# --------------------------------------------------------------------------- issue 12: causes
+
+
+@cluster_test
+def test_sbatch_rejection_is_submit_rejected_with_slurms_message(harness) -> None:
+    """sbatch refuses the job (no such partition): the run fails as submit_rejected with
+    SLURM's own message as its reason, and the watchdog alerts instead of resubmitting."""
+    h = harness(partition="nosuchpartition")
+    assert not h.materialize()
+    assert not (h.work / "slurm" / "job_id").exists()  # nothing was submitted
+    rep = h.tick()
+    assert rep.requests == []
+    assert [(a["kind"], a["class"]) for a in rep.alerts] == [("failed", "submit_rejected")]
+    tags = h.runs()[0].tags
+    assert tags["deconflow/failure_class"] == "submit_rejected"
+    assert "Invalid partition name specified" in tags["deconflow/failure_reason"], tags
+    assert "not retried" in tags["deconflow/alert"]
+    assert h.tick().requests == []  # and never later either
+
+
+@cluster_test
+def test_sigkill_is_killed_by_signal_and_the_reason_names_it(harness) -> None:
+    h = harness()
+    t = h.inject_when(5, lambda: os.kill(h.training_pid(), signal.SIGKILL))
+    assert not h.materialize()
+    t.join(10)
+    tags = h.runs()[0].tags
+    assert tags["deconflow/failure_class"] == "killed_by_signal", tags
+    assert "SIGKILL (9)" in tags["deconflow/failure_reason"], tags
+    reqs = h.recover()
+    assert [r.tags[RETRY_CLASS_TAG] for r in reqs] == ["killed_by_signal"]
+    assert reqs[0].tags["deconflow/resume"] == "true"
+    h.check_result("sigkill (killed_by_signal)", "completed", runs=2)
+
+
+@cluster_test
+def test_a_job_that_heartbeats_without_progress_is_cancelled_and_resumed(harness) -> None:
+    """SLURM says RUNNING and heartbeat.json stays fresh (rewritten, as a heartbeat thread
+    would), but the training step does not move: the no-progress rule cancels the job (the
+    heartbeat-age rule would not), and the retry resumes from the checkpoint."""
+    h = harness()
+    s = WatchdogSettings(stuck_after_s=600, no_progress_after_s=6)
+    cancelled: list = []
+
+    def keep_beating_without_steps() -> None:
+        beat = json.loads((h.work / "heartbeat.json").read_text())
+        cursor = None
+        deadline = time.monotonic() + 90
+        while not cancelled and time.monotonic() < deadline:
+            beat["time"] = time.time()
+            (h.work / "heartbeat.json").write_text(json.dumps(beat))
+            rep = evaluate_tick(h.instance, GRID.name, cursor, s, h.compute)
+            cursor = rep.cursor
+            cancelled.extend(rep.cancelled)
+            time.sleep(1)
+        if cancelled and h.t_detect is None:
+            h.t_detect = time.monotonic()
+
+    t = h.inject_when(7, keep_beating_without_steps)  # the run hangs at step 8
+    assert not h.materialize(env={"DECONFLOW_FAULT": "hang@8"})  # first attempt only
+    t.join(100)
+    assert cancelled and cancelled[0]["action"].startswith("scancel"), cancelled
+    stuck = h.runs()[0].tags["deconflow/stuck"]
+    assert stuck.startswith("no new training step for"), stuck
+    reqs = h.recover()
+    assert [r.tags[RETRY_CLASS_TAG] for r in reqs] == ["stuck"]
+    h.check_result("heartbeat without progress (stuck)", "completed", runs=2)

@@ -267,3 +267,146 @@ def test_sensor_definition_evaluates_with_resources(instance) -> None:
     assert result.run_requests[0].tags[RESUME_TAG] == "true"
     assert sensor.minimum_interval_seconds == 30
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+
+
+# --------------------------------------------------------------------------- issue 12: causes
+
+
+@pytest.mark.parametrize("cls", ["submit_rejected", "config_error", "disk_full"])
+def test_causes_a_retry_cannot_fix_alert_and_are_not_retried(cls) -> None:
+    d = decide([failed(cls, "r1", **{"deconflow/failure_reason": "why"})], S, SWEEP)
+    assert d.action == "alert" and "not retried" in d.reason and "why" in d.reason
+
+
+def test_killed_by_signal_resumes_once_then_alerts() -> None:
+    d = decide([failed("killed_by_signal", "r1")], S, SWEEP)
+    assert d.action == "retry" and d.tags[RESUME_TAG] == "true"
+    two = [failed("killed_by_signal", "r2"), failed("killed_by_signal", "r1")]
+    assert decide(two, S, SWEEP).action == "alert"
+
+
+def _beat(tmp_path, cell: str, step: int, t: float, total: int = 500, epoch=None) -> None:
+    work = tmp_path / "data" / "work" / cell
+    work.mkdir(parents=True, exist_ok=True)
+    ep = step / 10 if epoch is None else epoch  # 10 steps per epoch: a 50-epoch run
+    beat = {"step": step, "epoch": ep, "time": t, "total_steps": total}
+    (work / "heartbeat.json").write_text(json.dumps(beat))
+
+
+def test_a_heartbeat_without_new_steps_is_stuck(instance, tmp_path) -> None:
+    """The process writes its heartbeat (fresh) but the step does not move: caught by the
+    no-progress rule, not by the heartbeat's age; a SLURM job not RUNNING is not timed."""
+    s = WatchdogSettings(stuck_after_s=600, no_progress_after_s=100, slow_after_s=10**9)
+    t0 = time.time()
+    live = add_run(instance, CELLS[0], dg.DagsterRunStatus.STARTED, **{"deconflow/pid": "1"})
+    waiting = add_run(
+        instance, CELLS[1], dg.DagsterRunStatus.STARTED, **{"deconflow/slurm_state": "CONFIGURING"}
+    )
+    _beat(tmp_path, CELLS[0], 40, t0)
+    _beat(tmp_path, CELLS[1], 40, t0)
+    rep = evaluate_tick(instance, SWEEP, None, s, now=t0)
+    assert rep.cancelled == []
+    _beat(tmp_path, CELLS[0], 40, t0 + 150)  # a fresh heartbeat, the same step
+    _beat(tmp_path, CELLS[1], 40, t0 + 150)
+    rep = evaluate_tick(instance, SWEEP, rep.cursor, s, now=t0 + 150)
+    assert [c["run_id"] for c in rep.cancelled] == [live]
+    reason = instance.get_run_by_id(live).tags[STUCK_TAG]
+    assert reason.startswith("no new training step for 150s (still at step 40)"), reason
+    assert STUCK_TAG not in instance.get_run_by_id(waiting).tags
+
+
+def test_steps_that_move_reset_the_no_progress_clock(instance, tmp_path) -> None:
+    s = WatchdogSettings(stuck_after_s=600, no_progress_after_s=100, slow_after_s=10**9)
+    t0 = time.time()
+    add_run(instance, CELLS[0], dg.DagsterRunStatus.STARTED, **{"deconflow/slurm_state": "RUNNING"})
+    cursor = None
+    for k in range(4):  # 80 s apart, one step further each time: never 100 s without one
+        _beat(tmp_path, CELLS[0], 40 + k, t0 + 80 * k)
+        rep = evaluate_tick(instance, SWEEP, cursor, s, now=t0 + 80 * k)
+        assert rep.cancelled == []
+        cursor = rep.cursor
+    assert len(json.loads(cursor)["progress"]) == 1  # only runs in flight are remembered
+
+
+def test_the_plans_rule_running_an_hour_still_before_epoch_5(instance, tmp_path) -> None:
+    """Defaults: past 3600 s a run must be past epoch 5 of 50 (10 % of its steps), scaled to
+    its own length: a 16-epoch run must be past epoch 1.6."""
+    t0 = time.time()
+    slow = add_run(instance, CELLS[0], dg.DagsterRunStatus.STARTED)
+    fine = add_run(instance, CELLS[1], dg.DagsterRunStatus.STARTED)
+    short_slow = add_run(instance, CELLS[2], dg.DagsterRunStatus.STARTED)
+    cursor = None
+    for dt in (0, 1800, 3700):  # steps keep coming, but slowly for two of them
+        _beat(tmp_path, CELLS[0], 20 + dt // 200, t0 + dt)  # epoch 2.0 -> 3.8 of 50
+        _beat(tmp_path, CELLS[1], 40 + dt // 20, t0 + dt)  # epoch 4.0 -> 22.5 of 50
+        step = 10 + dt // 1000  # 11 steps per epoch, 16 epochs: epoch 0.9 -> 1.2
+        _beat(tmp_path, CELLS[2], step, t0 + dt, total=176, epoch=step / 11)
+        rep = evaluate_tick(instance, SWEEP, cursor, S, now=t0 + dt)
+        cursor = rep.cursor
+    stuck = {c["run_id"] for c in rep.cancelled}
+    assert stuck == {slow, short_slow}, rep.lines
+    reason = instance.get_run_by_id(slow).tags[STUCK_TAG]
+    assert reason.startswith("running 3700s and still at epoch 3.80 of 50, rule: epoch 5.00 ")
+    reason = instance.get_run_by_id(short_slow).tags[STUCK_TAG]
+    assert "of 16, rule: epoch 1.60" in reason, reason
+    assert STUCK_TAG not in instance.get_run_by_id(fine).tags
+
+
+def test_a_run_that_failed_before_its_body_is_tied_to_its_cell(instance, tmp_path) -> None:
+    """A resource that fails to start (a bad SLURM partition name) fails the run before the
+    asset tags its cell: the watchdog finds it by its partition, reads the cause from its
+    events, tags it, and alerts (a config error is not retried)."""
+    from deconflow.assets.training import build_training_run
+    from deconflow.resources import SweepSettings
+    from deconflow.resources.slurm import SlurmResource
+
+    res = dg.materialize(
+        [build_training_run(GRID)],
+        partition_key=str(partition_key(GRID.cells[0])),
+        resources={
+            "compute": SlurmResource(partition="gpu;rm -rf ~"),
+            "sweep": SweepSettings(profile="demo"),
+        },
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not res.success
+    run = instance.get_run_by_id(res.run_id)
+    assert CELL_TAG not in run.tags and "deconflow/failure_class" not in run.tags
+    rep = evaluate_tick(instance, SWEEP, None, S)
+    assert rep.requests == []
+    assert [(a["kind"], a["cell"], a["class"]) for a in rep.alerts] == [
+        ("failed", CELLS[0], "config_error")
+    ]
+    tags = instance.get_run_by_id(res.run_id).tags
+    assert tags["deconflow/failure_class"] == "config_error"
+    assert "SlurmConfigError: invalid SlurmResource.partition" in tags["deconflow/failure_reason"]
+    assert "not retried" in tags[ALERT_TAG]
+    assert tags[CELL_TAG] == CELLS[0] and tags[SWEEP_TAG] == SWEEP  # visible to every reader
+
+
+def test_failed_analysis_runs_alert_once(instance, webhook) -> None:
+    from deconflow.protocol import ANALYSIS_KIND, KIND_TAG
+
+    url, got = webhook
+
+    @dg.asset(name="run_fits")
+    def broken() -> None:
+        raise RuntimeError("duckdb: disk I/O error on data/deconflow.duckdb")
+
+    res = dg.materialize(
+        [broken], instance=instance, tags={KIND_TAG: ANALYSIS_KIND}, raise_on_error=False
+    )
+    assert not res.success
+    job_run = create_run_for_test(
+        instance, job_name="analyse_sweep", status=dg.DagsterRunStatus.FAILURE
+    ).run_id
+    ok_run = create_run_for_test(instance, job_name="other", status=dg.DagsterRunStatus.FAILURE)
+    rep = evaluate_tick(instance, SWEEP, None, S, alerts=AlertWebhook(url=url))
+    kinds = {(a["kind"], a["run_id"]) for a in rep.alerts}
+    assert kinds == {("analysis_failed", res.run_id), ("analysis_failed", job_run)}
+    mine = next(a for a in got if a["run_id"] == res.run_id)
+    assert "RuntimeError: duckdb: disk I/O error" in mine["reason"]
+    assert ok_run.run_id not in {a["run_id"] for a in got}
+    again = evaluate_tick(instance, SWEEP, rep.cursor, S, alerts=AlertWebhook(url=url))
+    assert again.alerts == [] and len(got) == 2

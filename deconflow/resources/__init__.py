@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from pathlib import Path
@@ -17,12 +18,62 @@ def compute_from_env() -> ComputeResource:
     if kind == "local":
         return LocalProcessResource()
     if kind == "slurm":
-        from deconflow.resources.slurm import SlurmResource
+        return slurm_from_file(os.environ.get("DECONFLOW_SLURM_CONFIG"))
+    from deconflow.slurm.script import SlurmConfigError
 
-        cfg_path = os.environ.get("DECONFLOW_SLURM_CONFIG")
-        cfg = tomllib.loads(Path(cfg_path).read_text()) if cfg_path else {}
-        return SlurmResource(**cfg.get("slurm", cfg))
-    raise ValueError(f"DECONFLOW_COMPUTE must be 'local' or 'slurm', got {kind!r}")
+    raise SlurmConfigError(f"DECONFLOW_COMPUTE must be 'local' or 'slurm', got {kind!r}")
+
+
+def slurm_from_file(path: str | os.PathLike | None) -> ComputeResource:
+    """A ``SlurmResource`` from a TOML file (a ``[slurm]`` table, or its keys at the top),
+    checked whole before anything is submitted: unknown keys (a typo like ``partiton``), wrong
+    types and unsafe values are a one-line :class:`SlurmConfigError` naming the file."""
+    import pydantic
+
+    from deconflow.resources.slurm import SlurmResource
+    from deconflow.slurm.script import SlurmConfigError
+
+    where = str(path) if path else "SLURM settings"
+    cfg: dict = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as e:
+            raise SlurmConfigError(f"cannot read SLURM config {path}: {e.strerror or e}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise SlurmConfigError(f"SLURM config {path} is not valid TOML: {e}") from None
+        cfg = data.get("slurm", data)
+        extra = [k for k in data if k != "slurm"] if "slurm" in data else []
+        if not isinstance(cfg, dict):
+            raise SlurmConfigError(f"{where}: [slurm] must be a table of settings")
+        if extra:
+            raise SlurmConfigError(
+                f"{where}: unknown top-level key(s) {', '.join(map(repr, extra))} next to "
+                "[slurm]; every setting goes into the [slurm] table"
+            )
+    known = list(SlurmResource.model_fields)
+    unknown = [k for k in cfg if k not in known]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(str(k), known, n=1, cutoff=0.6)
+            hints.append(repr(k) + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise SlurmConfigError(
+            f"{where}: unknown SLURM setting(s) {', '.join(hints)}; known: {', '.join(known)}"
+        )
+    try:
+        resource = SlurmResource(**cfg)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err.get("loc", ())) or "?"
+        raise SlurmConfigError(
+            f"{where}: invalid SLURM setting {field} = {err.get('input')!r}: {err.get('msg')}"
+        ) from None
+    try:
+        resource.check_config()
+    except SlurmConfigError as e:
+        raise SlurmConfigError(f"{where}: {e}") from None
+    return resource
 
 
 def sweep_from_env() -> SweepSettings:
@@ -37,5 +88,6 @@ __all__ = [
     "LocalProcessResource",
     "SweepSettings",
     "compute_from_env",
+    "slurm_from_file",
     "sweep_from_env",
 ]

@@ -1,34 +1,54 @@
 """The watchdog sensor: failed and stuck partitions, classified retries, alerts.
 
-One tick = two run-record queries (the sweep's runs, and all in-progress runs so that a
-queued backfill run without deconflow tags still counts as busy), one heartbeat read per
-running cell, then :func:`deconflow.sensors.policy.decide` per newly failed cell. It needs
-no daemon to be tested: :func:`evaluate_tick` is a plain function of an instance and a cursor.
+A tick's cost does not grow with the sweep's history. It reads:
+
+- the latest run of every partition, in one query (:func:`latest_runs`: an index-only
+  ``GROUP BY partition`` in the run storage, SQLite or Postgres), as light rows;
+- the full records of the runs in flight (bounded by the run concurrency), with one heartbeat
+  read each, for the stuck rules (heartbeat age, no new step, the plan's "over an hour and
+  still before epoch 5");
+- the recent history of each cell whose latest run newly failed (one tag query per such cell;
+  a handled failure is remembered in the cursor with its class, never read again);
+- failed analysis runs since a watermark in the cursor.
+
+A run that failed before the asset body tagged its cell (a resource that failed to start,
+sbatch refusing the job) is tied to its cell by its partition; its class and reason are read
+from its failure events and written onto its tags. :func:`evaluate_tick` is a plain function of
+an instance and a cursor: it needs no daemon to be tested.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 
+from deconflow.failures import UNKNOWN, classify_log
 from deconflow.protocol import (
     ALERT_TAG,
+    ANALYSIS_KIND,
     CANCELLED,
     CELL_TAG,
     FAILED,
+    FAILURE_CLASS_TAG,
+    FAILURE_REASON_TAG,
     HEARTBEAT,
     IN_PROGRESS_STATES,
+    KIND_TAG,
+    PARTITION_TAG,
     QUEUED,
     RUN_STATES,
     SLURM_STATE_TAG,
     STUCK_TAG,
     SWEEP_TAG,
     TRAIN_LOG,
-    cell_key_of_tags,
+    cell_of_partition,
     partition_key_str,
     run_state,
 )
@@ -43,9 +63,18 @@ from deconflow.sensors.policy import (
     failure_class,
 )
 from deconflow.settings import work_dir
-from deconflow.sweep import Grid, parse_key
+from deconflow.sweep import Cell, Grid, GridError, parse_key
 
 _IN_PROGRESS = [dg.DagsterRunStatus(k) for k, v in RUN_STATES.items() if v in IN_PROGRESS_STATES]
+_STARTED = ("STARTING", "STARTED", "CANCELING")  # in flight and past the queue
+_LIVE = frozenset(s.value for s in _IN_PROGRESS)
+_SUCCESS = dg.DagsterRunStatus.SUCCESS.value
+ANALYSIS_JOB = "analyse_sweep"  # the job definitions.py builds for the analysis assets
+TRAINING_ASSET = "training_run"
+HISTORY_LIMIT = 50  # runs read per newly failed cell: retries since its last success fit
+ANALYSIS_LOOKBACK_S = 86400.0  # on a fresh cursor, analysis failures of the last day alert
+ANALYSIS_BATCH = 200  # failed unpartitioned runs read per tick
+ANALYSIS_OVERLAP_S = 60.0  # the watermark trails the tick by this much
 
 
 @dataclass
@@ -70,37 +99,236 @@ class TickReport:
         return "\n".join([head, *self.lines])
 
 
+@dataclass
+class LatestRun:
+    """The latest run of one partition, as the light latest-run query returns it."""
+
+    run_id: str
+    status: str  # DagsterRunStatus value
+    partition: str
+    create_time: float | None = None
+    start_time: float | None = None
+
+
+def _ts(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    if value.tzinfo is None:  # the run storage keeps naive UTC
+        value = value.replace(tzinfo=UTC)
+    return value.timestamp()
+
+
+_TERMINAL = frozenset({"SUCCESS", "FAILURE", "CANCELED"})
+REBUILD_S = 600.0  # the in-process index of latest runs is rebuilt from scratch this often
+
+
+class _LatestIndex:
+    """Per partition its latest run ``(id, run id, status)``, kept in this process (the code
+    server) between ticks and brought up to date from what changed: runs created since the
+    last tick (ids above the highest seen: a primary-key range) and the status of latest runs
+    not yet finished (bounded by the runs in flight). A finished run's status never changes,
+    so nothing else needs reading; a full rebuild every ``REBUILD_S`` (and whenever the
+    storage looks reset) covers deleted runs."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, tuple[int, str, str]] = {}
+        self.max_id = 0
+        self.built = -1e18
+        self.lock = threading.Lock()
+
+
+_INDEXES: dict[str, _LatestIndex] = {}
+
+
+def _storage_key(storage) -> str | None:
+    """A stable name of a run storage's database (None for an in-memory one: not cached)."""
+    for attr in ("_conn_string", "postgres_url", "mysql_url"):
+        value = getattr(storage, attr, None)
+        if value and ":memory:" not in str(value):
+            return f"{type(storage).__name__}:{value}"
+    return None
+
+
+def latest_runs(instance: dg.DagsterInstance) -> list[tuple]:
+    """(partition, run id, status, created, started) of every partition's latest run; the two
+    times (epoch seconds) only for runs not finished (None otherwise).
+
+    On SQL run storages (SQLite, Postgres) the first call of a process, and one every
+    ``REBUILD_S``, is one ``GROUP BY partition`` over the storage's covering index of
+    partitions (never a read of run bodies); the calls between read only what changed (see
+    :class:`_LatestIndex`). Other storages: Dagster's run-partition data.
+    """
+    from dagster._core.storage.runs.schema import RunsTable
+    from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
+    from dagster._core.storage.sqlalchemy_compat import db_select
+    from sqlalchemy import func
+
+    storage = instance.run_storage
+    if not isinstance(storage, SqlRunStorage):
+        return [  # newest first per partition
+            (d.partition, d.run_id, d.status.value, None, d.start_time)
+            for d in instance.get_run_partition_data(dg.RunsFilter())
+        ]
+    key = _storage_key(storage)
+    index = _INDEXES.setdefault(key, _LatestIndex()) if key else _LatestIndex()
+    cols = [RunsTable.c.id, RunsTable.c.partition, RunsTable.c.run_id, RunsTable.c.status]
+    times: dict[str, tuple] = {}
+    with index.lock, storage.connect() as conn:
+        top = conn.execute(db_select([func.max(RunsTable.c.id)])).scalar() or 0
+        if time.monotonic() - index.built > REBUILD_S or top < index.max_id:
+            newest = (
+                db_select([func.max(RunsTable.c.id)])
+                .where(RunsTable.c.partition.isnot(None))
+                .group_by(RunsTable.c.partition)
+            )
+            rows = conn.execute(db_select(cols).where(RunsTable.c.id.in_(newest))).fetchall()
+            index.rows = {p: (i, r, st) for i, p, r, st in rows}
+            index.built = time.monotonic()
+        else:
+            new = conn.execute(
+                db_select(cols)
+                .where(RunsTable.c.id > index.max_id)
+                .where(RunsTable.c.partition.isnot(None))
+                .order_by(RunsTable.c.id.asc())
+            ).fetchall()
+            for i, p, r, st in new:
+                index.rows[p] = (i, r, st)
+        index.max_id = top
+        # The latest runs not finished: their status now, and their times.
+        live = {r: p for p, (_, r, st) in index.rows.items() if st not in _TERMINAL}
+        ids = list(live)
+        live_cols = [RunsTable.c.run_id, RunsTable.c.status, RunsTable.c.create_timestamp]
+        if storage.has_run_stats_index_cols():
+            live_cols.append(RunsTable.c.start_time)
+        for k in range(0, len(ids), 500):
+            query = db_select(live_cols).where(RunsTable.c.run_id.in_(ids[k : k + 500]))
+            for row in conn.execute(query).fetchall():
+                r, st = row[0], row[1]
+                index.rows[live[r]] = (index.rows[live[r]][0], r, st)
+                times[r] = (_ts(row[2]), _ts(row[3]) if len(row) > 3 else None)
+        none = (None, None)
+        return [(p, r, st, *times.get(r, none)) for p, (_, r, st) in index.rows.items()]
+
+
 def _run_info(rec) -> RunInfo:
     run = rec.dagster_run
-    created = rec.create_timestamp.timestamp() if rec.create_timestamp else None
-    return RunInfo(run.run_id, run_state(run.status), dict(run.tags), rec.start_time, created)
+    return RunInfo(
+        run.run_id,
+        run_state(run.status),
+        dict(run.tags),
+        rec.start_time,
+        _ts(rec.create_timestamp),
+    )
 
 
-def read_histories(
-    instance: dg.DagsterInstance, sweep: str
-) -> tuple[dict[str, list[RunInfo]], set[str]]:
-    """Per cell key its runs, newest first; and the cells with any run in progress."""
-    histories: dict[str, list[RunInfo]] = {}
-    for rec in instance.get_run_records(dg.RunsFilter(tags={SWEEP_TAG: sweep}), limit=100_000):
-        cell = rec.dagster_run.tags.get(CELL_TAG)
-        if cell:
-            histories.setdefault(cell, []).append(_run_info(rec))
-    busy = set()
-    for rec in instance.get_run_records(dg.RunsFilter(statuses=_IN_PROGRESS), limit=10_000):
-        cell = cell_key_of_tags(rec.dagster_run.tags)
-        if cell:
-            busy.add(cell)
-    return histories, busy
+def cell_history(
+    instance: dg.DagsterInstance, partition: str, limit: int = HISTORY_LIMIT
+) -> tuple[list[RunInfo], int]:
+    """A partition's most recent runs, newest first, and its number of runs."""
+    flt = dg.RunsFilter(tags={PARTITION_TAG: partition})
+    recs = instance.get_run_records(flt, limit=limit)
+    n = len(recs) if len(recs) < limit else instance.get_runs_count(flt)
+    return [_run_info(r) for r in recs], n
+
+
+def failure_from_events(instance: dg.DagsterInstance, run_id: str) -> tuple[str, str]:
+    """(class, reason line) of a failed run from its failure events: the class a
+    ``TrainingFailed`` declared, else the one its error text names; the reason is the
+    deepest cause's first line (``SlurmConfigError: invalid ...``)."""
+    types = {
+        dg.DagsterEventType.STEP_FAILURE,
+        dg.DagsterEventType.RESOURCE_INIT_FAILURE,
+        dg.DagsterEventType.RUN_FAILURE,
+    }
+    declared, line, texts = None, "", []
+    for rec in instance.get_records_for_run(run_id, of_type=types, limit=20).records:
+        event = rec.event_log_entry.dagster_event
+        data = event.event_specific_data if event else None
+        user = getattr(data, "user_failure_data", None)
+        if user is not None:
+            value = (user.metadata or {}).get("failure_class")
+            declared = declared or (value.value if value is not None else None)
+            if user.description:
+                texts.append(user.description)
+                line = line or user.description.strip().splitlines()[0]
+        error = getattr(data, "error", None)
+        if error is not None:
+            texts.append(error.to_string())
+            deepest = error
+            while deepest.cause is not None:
+                deepest = deepest.cause
+            first = deepest.message.strip().splitlines()
+            line = line or (first[0] if first else "")
+    cls = declared or classify_log("\n".join(texts))
+    return cls or UNKNOWN, line
+
+
+def _heartbeat(work: Path) -> dict:
+    try:
+        beat = json.loads((work / HEARTBEAT).read_text())
+        return beat if isinstance(beat, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def last_progress(work: Path, run: RunInfo) -> float:
-    """When the run last made training progress: its heartbeat, but not before it started."""
+    """When the run last wrote its heartbeat, but not before it started."""
     started = run.start_time or run.create_time or 0.0
     try:
-        beat = float(json.loads((work / HEARTBEAT).read_text())["time"])
-    except (OSError, ValueError, KeyError, TypeError):
+        beat = float(_heartbeat(work)["time"])
+    except (KeyError, TypeError, ValueError):
         beat = 0.0
     return max(beat, started)
+
+
+def stuck_reason(
+    run: RunInfo, beat: dict, entry: list | None, settings: WatchdogSettings, now: float
+) -> tuple[str | None, list | None]:
+    """Why an in-flight run counts as stuck (None if it does not), and its new progress entry
+    ``[heartbeat step, when it last changed, running since]``.
+
+    Three rules: the heartbeat is older than ``stuck_after_s`` (the process stopped writing);
+    the heartbeat's step has not changed for ``no_progress_after_s`` while the run is running
+    (SLURM RUNNING; a local process once started); and the plan's rule, running for more than
+    ``slow_after_s`` and still before ``slow_before_epoch`` of ``slow_of_epochs`` epochs
+    (scaled to the run's own length).
+    """
+    started = run.start_time or run.create_time or now
+    try:
+        beat_time = float(beat["time"])
+    except (KeyError, TypeError, ValueError):
+        beat_time = 0.0
+    idle = now - max(beat_time, started)
+    if idle > settings.stuck_after_s:
+        return f"no heartbeat for {idle:.0f}s (no training progress)", entry
+    state = run.tags.get(SLURM_STATE_TAG)
+    if state is not None and state != "RUNNING":
+        return None, None  # configuring, completing, suspended: its clocks start over
+    step = beat.get("step")
+    if entry is None or entry[0] != step:
+        running_since = entry[2] if entry else (started if state is None else now)
+        entry = [step, now, running_since]
+    still = now - entry[1]
+    if still > settings.no_progress_after_s:
+        return f"no new training step for {still:.0f}s (still at step {step})", entry
+    ran = now - entry[2]
+    total = beat.get("total_steps")
+    if ran > settings.slow_after_s and isinstance(step, int) and total:
+        need = settings.slow_before_epoch / settings.slow_of_epochs  # fraction of the run
+        if step / total < need:
+            epoch = float(beat.get("epoch") or 0.0)
+            epochs = total * epoch / step if step and epoch else None
+            where = (
+                f"epoch {epoch:.2f} of {epochs:.0f}, rule: epoch {need * epochs:.2f} "
+                if epochs
+                else f"step {step} of {total}, rule: {need:.0%} of the steps "
+            )
+            return f"running {ran:.0f}s and still at {where}within {settings.slow_after_s:.0f}s", (
+                entry
+            )
+    return None, entry
 
 
 def cancel_job(run: RunInfo, compute: ComputeResource | None) -> str:
@@ -124,6 +352,115 @@ def _alert(kind: str, cell: str, run: RunInfo | None, cls: str, attempts: int, r
     }
 
 
+def is_analysis_run(run: dg.DagsterRun) -> bool:
+    """A run of the analysis assets: the analysis job, the analysis kind tag, or an asset
+    selection with assets other than the training partitions."""
+    if PARTITION_TAG in run.tags:
+        return False
+    if run.job_name == ANALYSIS_JOB or run.tags.get(KIND_TAG) == ANALYSIS_KIND:
+        return True
+    keys = run.asset_selection or set()
+    return any(k.to_user_string() != TRAINING_ASSET for k in keys)
+
+
+@functools.lru_cache(maxsize=200_000)
+def _cell_of(partition: str) -> tuple[Cell, str] | None:
+    """(cell, cell key) of a partition key, parsed once per process (keys never change)."""
+    if "|" not in partition:
+        return None
+    try:
+        cell = cell_of_partition(partition)
+    except (GridError, ValueError):
+        return None
+    return cell, cell.key
+
+
+@functools.lru_cache(maxsize=8)
+def _grid_partitions(grid: Grid) -> dict[str, str]:
+    """Partition key -> cell key for every cell of a grid (built once per grid)."""
+    return {partition_key_str(c): c.key for c in grid.cells}
+
+
+def _cells_of(rows: list[tuple], grid: Grid | None) -> tuple[int, dict]:
+    """The number of cells in play, and the latest run of each cell whose latest run did not
+    succeed (in flight or failed): the only ones a tick looks at further."""
+    n, active = 0, {}
+    keys = _grid_partitions(grid) if grid is not None else None
+    for partition, run_id, status, created, started in rows:
+        if keys is not None:
+            cell = keys.get(partition)
+        else:
+            parsed = _cell_of(partition)
+            cell = parsed[1] if parsed else None
+        if cell is None:
+            continue
+        n += 1
+        if status != _SUCCESS:
+            active[cell] = LatestRun(run_id, status, partition, created, started)
+    return n, active
+
+
+def _in_flight_infos(instance: dg.DagsterInstance, runs: list[LatestRun]) -> dict[str, RunInfo]:
+    """RunInfos of in-flight runs from their light rows and their tags (no run bodies)."""
+    from dagster._core.storage.runs.schema import RunTagsTable
+    from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
+    from dagster._core.storage.sqlalchemy_compat import db_select
+
+    storage = instance.run_storage
+    out: dict[str, RunInfo] = {}
+    if not isinstance(storage, SqlRunStorage):
+        ids = [lr.run_id for lr in runs]
+        for rec in instance.get_run_records(dg.RunsFilter(run_ids=ids), limit=len(ids)):
+            out[rec.dagster_run.run_id] = _run_info(rec)
+        return out
+    for lr in runs:
+        out[lr.run_id] = RunInfo(lr.run_id, run_state(lr.status), {}, lr.start_time, lr.create_time)
+    ids = list(out)
+    for i in range(0, len(ids), 500):
+        query = db_select([RunTagsTable.c.run_id, RunTagsTable.c.key, RunTagsTable.c.value]).where(
+            RunTagsTable.c.run_id.in_(ids[i : i + 500])
+        )
+        for row in storage.fetchall(query):
+            out[row["run_id"]].tags[row["key"]] = row["value"]
+    return out
+
+
+def _failed_unpartitioned_since(
+    instance: dg.DagsterInstance, since: float, limit: int = 200
+) -> list[tuple[str, float]]:
+    """(run id, update time) of runs without a partition that failed after ``since``, oldest
+    first: a range read on the (status, update time) index, never the whole history."""
+    from dagster._core.storage.runs.schema import RunsTable
+    from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
+    from dagster._core.storage.sqlalchemy_compat import db_select
+
+    after = datetime.fromtimestamp(since, tz=UTC)
+    storage = instance.run_storage
+    if not isinstance(storage, SqlRunStorage):
+        recs = instance.get_run_records(
+            dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], updated_after=after),
+            limit=limit,
+            order_by="update_timestamp",
+            ascending=True,
+        )
+        return [
+            (r.dagster_run.run_id, _ts(r.update_timestamp) or since)
+            for r in recs
+            if PARTITION_TAG not in r.dagster_run.tags
+        ]
+    query = (
+        db_select([RunsTable.c.run_id, RunsTable.c.update_timestamp])
+        .where(RunsTable.c.status == dg.DagsterRunStatus.FAILURE.value)
+        .where(RunsTable.c.update_timestamp > after.replace(tzinfo=None))
+        .where(RunsTable.c.partition.is_(None))
+        .order_by(RunsTable.c.update_timestamp.asc())
+        .limit(limit)
+    )
+    return [
+        (row["run_id"], _ts(row["update_timestamp"]) or since) for row in storage.fetchall(query)
+    ]
+
+
 def evaluate_tick(
     instance: dg.DagsterInstance,
     sweep: str,
@@ -132,14 +469,16 @@ def evaluate_tick(
     compute: ComputeResource | None = None,
     alerts: AlertWebhook | None = None,
     now: float | None = None,
+    grid: Grid | None = None,
 ) -> TickReport:
-    """One watchdog tick: detect, act (cancel stuck jobs, alert), and build the run requests."""
+    """One watchdog tick: detect, act (cancel stuck jobs, alert), and build the run requests.
+
+    ``grid`` limits the cells in play to the grid's (default: every training partition).
+    """
     now = time.time() if now is None else now
     cur = Cursor(cursor, settings.cursor_cap)
     rep = TickReport()
-    histories, busy = read_histories(instance, sweep)
     requested: set[str] = set()
-    failed_cells = 0
 
     def raise_alert(alert: dict, key: str) -> None:
         if key in cur.alerted:
@@ -155,40 +494,77 @@ def evaluate_tick(
         if err:
             rep.lines.append(err)
 
-    for cell, history in histories.items():
+    in_play, cells = _cells_of(latest_runs(instance), grid)
+    # Cells with a run in progress (a run queued behind a failed latest one shows in the
+    # cell's history, read below before any retry).
+    busy = {c for c, lr in cells.items() if lr.status in _LIVE}
+
+    # ---- in flight: queued too long (reported), stuck (cancelled, resumed next tick)
+    infos = _in_flight_infos(instance, [lr for lr in cells.values() if lr.status in _STARTED])
+    work = work_dir()
+    progress: dict[str, list] = {}
+    for cell, lr in cells.items():
+        if lr.status not in _LIVE:
+            continue
+        run = infos.get(lr.run_id)
+        slurm_pending = run is not None and run.tags.get(SLURM_STATE_TAG) == "PENDING"
+        if run_state(lr.status) == QUEUED or slurm_pending:
+            since = (run.start_time if run else None) or lr.create_time or now
+            if now - since > settings.queued_after_s:
+                why = f"queued for {now - since:.0f}s (reported, not cancelled)"
+                rep.queued.append({"cell": cell, "run_id": lr.run_id, "for_s": now - since})
+                info = run or RunInfo(lr.run_id, QUEUED, {}, None, lr.create_time)
+                raise_alert(_alert("queued", cell, info, "queued", 0, why), f"queued:{lr.run_id}")
+            continue
+        if run is None or CELL_TAG not in run.tags:
+            continue  # not yet in the asset body (resources starting): nothing trains yet
+        if lr.run_id in cur.cancelled:
+            continue  # cancelled on an earlier tick; the run worker has yet to notice
+        reason, entry = stuck_reason(
+            run, _heartbeat(work / cell), cur.progress.get(lr.run_id), settings, now
+        )
+        if entry is not None:
+            progress[lr.run_id] = entry
+        if reason:
+            instance.add_run_tags(lr.run_id, {STUCK_TAG: reason[:250]})
+            what = cancel_job(run, compute)
+            cur.cancelled[lr.run_id] = now
+            rep.cancelled.append({"cell": cell, "run_id": lr.run_id, "action": what})
+            rep.lines.append(f"STUCK {cell} run {lr.run_id}: {reason}; {what}")
+    cur.progress = progress  # only runs in flight: bounded by the run concurrency
+
+    # ---- failed latest runs: classify (untagged ones from their events), decide, act
+    failed_cells = 0
+    for cell, lr in cells.items():
+        if run_state(lr.status) not in (FAILED, CANCELLED):
+            continue
+        handled = cur.handled.get(cell)
+        if handled and handled[0] == lr.run_id and handled[1]:
+            failed_cells += handled[1] != USER_CANCELLED
+            continue
+        history, n_runs = cell_history(instance, lr.partition)
+        if not history or history[0].run_id != lr.run_id:
+            continue  # a newer run appeared since the latest-run query: next tick
+        if any(r.status in IN_PROGRESS_STATES for r in history):
+            busy.add(cell)  # e.g. a backfill run queued for it: never a second run
         latest = history[0]
-        if latest.status in IN_PROGRESS_STATES:
-            busy.add(cell)
-            pending = latest.status == QUEUED or latest.tags.get(SLURM_STATE_TAG) == "PENDING"
-            if pending:
-                since = latest.start_time or latest.create_time or now
-                if now - since > settings.queued_after_s:
-                    why = f"queued for {now - since:.0f}s (reported, not cancelled)"
-                    rep.queued.append({"cell": cell, "run_id": latest.run_id, "for_s": now - since})
-                    raise_alert(
-                        _alert("queued", cell, latest, "queued", len(history), why),
-                        f"queued:{latest.run_id}",
-                    )
-                continue
-            if latest.run_id in cur.cancelled:
-                continue  # cancelled on an earlier tick; the run worker has yet to notice
-            idle = now - last_progress(work_dir() / cell, latest)
-            if idle > settings.stuck_after_s:
-                reason = f"no training progress for {idle:.0f}s"
-                instance.add_run_tags(latest.run_id, {STUCK_TAG: reason})
-                what = cancel_job(latest, compute)
-                cur.cancelled[latest.run_id] = now
-                rep.cancelled.append({"cell": cell, "run_id": latest.run_id, "action": what})
-                rep.lines.append(f"STUCK {cell} run {latest.run_id}: {reason}; {what}")
-            continue
-        if latest.status not in (FAILED, CANCELLED):
-            continue
+        if latest.status == FAILED and not (
+            latest.tags.get(FAILURE_CLASS_TAG) or latest.tags.get(STUCK_TAG)
+        ):
+            # Failed before the asset body could say why (resource init, sbatch refused):
+            # its failure events do; the tags make it visible to `deconflow status` too.
+            cls, line = failure_from_events(instance, latest.run_id)
+            tags = {FAILURE_CLASS_TAG: cls, FAILURE_REASON_TAG: (line or cls)[:250]}
+            # Tie it to its cell for every reader (`deconflow status`, the runs table).
+            tags.update({SWEEP_TAG: sweep, CELL_TAG: cell})
+            instance.add_run_tags(latest.run_id, tags)
+            latest.tags.update(tags)
         cls = failure_class(latest)
-        if cls != USER_CANCELLED:
-            failed_cells += 1
-        if cur.handled.get(cell) == latest.run_id:
+        failed_cells += cls != USER_CANCELLED
+        if handled and handled[0] == lr.run_id:  # handled by an older cursor: class only
+            cur.handled[cell] = [lr.run_id, cls]
             continue
-        decision = decide(history, settings, sweep)
+        decision = decide(history, settings, sweep, cell=cell, attempts=n_runs)
         if decision.action == "retry":
             if cell in busy or cell in requested:
                 continue  # e.g. a backfill run is queued for it: never a second run
@@ -196,23 +572,40 @@ def evaluate_tick(
             rep.requests.append(
                 dg.RunRequest(
                     run_key=f"{cell}:{latest.run_id}",
-                    partition_key=partition_key_str(parse_key(cell)),
+                    partition_key=lr.partition,
                     tags=decision.tags,
                 )
             )
             rep.lines.append(f"RETRY {cell} after run {latest.run_id}: {decision.reason}")
         elif decision.action == "alert":
-            reason = decision.reason
             raise_alert(
-                _alert("failed", cell, latest, decision.failure_class, len(history), reason),
+                _alert("failed", cell, latest, decision.failure_class, n_runs, decision.reason),
                 f"failed:{latest.run_id}",
             )
         else:
             rep.lines.append(f"NO ACTION {cell} run {latest.run_id}: {decision.reason}")
-        cur.handled[cell] = latest.run_id
+        cur.handled[cell] = [latest.run_id, cls]
 
-    rep.cells_in_play = len(histories)
-    rep.failure_rate = failed_cells / len(histories) if histories else 0.0
+    # ---- failed analysis runs since the watermark: one alert each
+    since = cur.analysis_wm if cur.analysis_wm is not None else now - ANALYSIS_LOOKBACK_S
+    failed_runs = _failed_unpartitioned_since(instance, since, ANALYSIS_BATCH)
+    # Seen up to now (less a margin for writers' clocks and commit lag: a run seen twice is
+    # alerted once), unless the batch was full: then up to the last one read.
+    wm = failed_runs[-1][1] if len(failed_runs) >= ANALYSIS_BATCH else now - ANALYSIS_OVERLAP_S
+    wm = max(since, wm)
+    for run_id, _updated in failed_runs:
+        run = instance.get_run_by_id(run_id)
+        if run is None or not is_analysis_run(run) or f"analysis:{run_id}" in cur.alerted:
+            continue
+        cls, line = failure_from_events(instance, run.run_id)
+        info = RunInfo(run.run_id, FAILED, dict(run.tags))
+        why = f"analysis run ({run.job_name}) failed: {line or cls}"
+        raise_alert(_alert("analysis_failed", "", info, cls, 0, why), f"analysis:{run.run_id}")
+    cur.analysis_wm = wm
+
+    # ---- the sweep's failure rate
+    rep.cells_in_play = in_play
+    rep.failure_rate = failed_cells / in_play if in_play else 0.0
     over = (
         rep.cells_in_play >= settings.min_cells_for_rate
         and rep.failure_rate > settings.failure_rate_alert
@@ -244,13 +637,18 @@ def build_watchdog_sensor(
         minimum_interval_seconds=interval,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=(
-            "Retries failed training partitions by failure class, cancels and resumes stuck "
-            "ones, alerts on exhausted retries and a sweep failure rate over the threshold."
+            "Ends runs whose process is gone, retries failed training partitions by failure "
+            "class, cancels and resumes stuck ones, alerts on exhausted retries, failed analysis "
+            "runs and a sweep failure rate over the threshold."
         ),
     )
     def watchdog(
         context: dg.SensorEvaluationContext, compute: ComputeResource, alerts: AlertWebhook
     ) -> dg.SensorResult:
+        from deconflow.orphans import end_orphans
+
+        for o in end_orphans(context.instance):  # runs left STARTED by a dead worker
+            context.log.warning(f"ENDED run {o.run_id} ({o.status}): {o.reason}")
         rep = evaluate_tick(
             context.instance,
             grid.name,
@@ -258,6 +656,7 @@ def build_watchdog_sensor(
             settings or WatchdogSettings.from_env(),
             compute,
             alerts,
+            grid=grid,
         )
         for line in rep.lines:
             (context.log.warning if line.startswith(("ALERT", "STUCK")) else context.log.info)(line)

@@ -27,6 +27,48 @@ _JOB_ID_RE = re.compile(r"^[0-9]+(?:_[0-9]+)?$")
 USR1_EXIT = 128 + int(signal.SIGUSR1)
 
 
+# sbatch options the generated script sets itself, and why a user's extra line may not.
+_OWNED_OPTIONS = {
+    "output": "the job's log is the work folder's train.log: Pipes and re-attach read it",
+    "error": "the job's log is the work folder's train.log: Pipes and re-attach read it",
+    "input": "the training reads no stdin",
+    "open-mode": "the log is appended to across attempts",
+    "chdir": "the job runs in the orchestrator's working directory",
+    "workdir": "the job runs in the orchestrator's working directory",
+    "job-name": "the job name <prefix>-<cell> is how an attempt finds its live job",
+    "array": "one job per partition",
+    "wrap": "the script is generated",
+    "signal": "set signal_before_s instead",
+    "export": "the script exports what the training needs",
+}
+_SHORT_OPTIONS = {
+    "o": "output",
+    "e": "error",
+    "i": "input",
+    "D": "chdir",
+    "J": "job-name",
+    "a": "array",
+}
+
+
+def _owned_option(opt: str) -> str | None:
+    """The owned long option an extra sbatch line sets, if any.
+
+    sbatch parses options with getopt_long, which takes any unambiguous prefix of a long
+    option (``--out=...`` is ``--output``), and short options with the value attached
+    (``-o/x.log``) or apart (``-o /x.log``).
+    """
+    if opt.startswith("--"):
+        name = re.split(r"[=\s]", opt[2:], maxsplit=1)[0]
+        if not name:
+            return None
+        for owned in _OWNED_OPTIONS:
+            if owned.startswith(name):
+                return owned
+        return None
+    return _SHORT_OPTIONS.get(opt[1:2])
+
+
 class SlurmConfigError(ValueError):
     """A config value or key that must not reach sbatch; the message is one line."""
 
@@ -133,13 +175,24 @@ class JobOptions:
 
     @staticmethod
     def sbatch_option(line: str) -> str:
-        """An extra ``#SBATCH`` line: one option, one line (SLURM parses it, not the shell)."""
+        """An extra ``#SBATCH`` line: one option, one line (SLURM parses it, not the shell).
+
+        Options that the script owns are refused: they would move the job's log or working
+        folder, rename the job or turn it into an array, and the orchestrator could then no
+        longer read the log or find the job again to re-attach to it.
+        """
         opt = line.strip()
         opt = opt[len("#SBATCH") :].strip() if opt.startswith("#SBATCH") else opt
         if not opt.startswith("-") or any(c in opt for c in "\n\r\0"):
             raise SlurmConfigError(
                 f"invalid SlurmResource.extra_sbatch_lines entry {line!r}: "
                 "expected one option like '--constraint=rtx8000'"
+            )
+        owned = _owned_option(opt)
+        if owned:
+            raise SlurmConfigError(
+                f"SlurmResource.extra_sbatch_lines entry {line!r} sets --{owned}, which deconflow "
+                f"owns ({_OWNED_OPTIONS[owned]}); remove it"
             )
         return opt
 

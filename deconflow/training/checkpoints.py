@@ -1,42 +1,233 @@
-"""Atomic checkpoints: the latest one for resuming, plus the best k by validation loss.
+"""Atomic checkpoints: the latest one for resuming (and the one before it), plus the best k by
+validation loss.
 
-Every write goes to a temporary file in the same folder and is renamed into place,
-so a run killed mid-write never leaves a truncated checkpoint behind.
+Every write is serialized in memory, written to a temporary file in the same folder, fsynced
+and renamed into place, so a run killed mid-write never leaves a truncated checkpoint behind.
+A checkpoint that is damaged anyway (a disk error, a copy cut short) is never fatal: resuming
+falls back to ``latest.prev.pt``, then to a fresh start, and says so in the log. A full disk
+is one line naming the file (:class:`DiskFullError`), not a serializer's internal assertion.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from deconflow.atomic import atomic_write_bytes, atomic_write_json
+from deconflow.protocol import BEST_INDEX, LATEST_CHECKPOINT, PREV_CHECKPOINT, family_file
+from deconflow.sweep import GridError
+
+_BEST_RE = re.compile(r"^best-(\d+)\.pt$")
+_NEXT = ".latest.next.pt"  # a complete new latest, between its write and its rename
+RESUME_KEYS = ("model", "optimizer", "step", "wall_time_s", "attempts", "fingerprint")
+
+
+class CheckpointMismatch(GridError):
+    """The checkpoint belongs to another config (cell, profile or sizes): a config error."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that loaded could not be applied: the message starts 'corrupt checkpoint'."""
+
+
+class DiskFullError(OSError):
+    """No space left while writing a run's file; one line naming the file and the free space."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        folder = _existing_parent(self.path)
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        self.message = f"disk full: cannot write {self.path} ({free} on {_mount_point(folder)})"
+        super().__init__(errno.ENOSPC, self.message, str(self.path))
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _existing_parent(path: Path) -> Path:
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _mount_point(path: Path) -> Path:
+    p = Path(path).absolute()
+    while not os.path.ismount(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+@contextmanager
+def disk_full_is_one_line(path: Path):
+    """Turn ENOSPC/EDQUOT while writing ``path`` into a :class:`DiskFullError`."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(path) from None
+        raise
+
+
+def _print(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 class Checkpoints:
-    """``latest.pt`` plus ``best-<step>.pt`` files; ``best.json`` lists the best ones."""
+    """``latest.pt`` (and ``latest.prev.pt``) plus ``best-<step>.pt`` files listed in
+    ``best.json``."""
 
-    def __init__(self, folder: Path, keep_best: int = 3) -> None:
+    def __init__(
+        self, folder: Path, keep_best: int = 3, log: Callable[[str], None] | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.keep_best = keep_best
+        self.log = log or _print
 
     @property
     def latest_path(self) -> Path:
-        return self.folder / "latest.pt"
+        return self.folder / LATEST_CHECKPOINT
+
+    @property
+    def prev_path(self) -> Path:
+        return self.folder / PREV_CHECKPOINT
+
+    def _write(self, path: Path, obj) -> None:
+        """Serialize in memory first: a write error is then the OS's (ENOSPC), not torch's."""
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        data = buf.getbuffer()
+        with disk_full_is_one_line(path):
+            atomic_write_bytes(path, lambda f: f.write(data))
 
     def save_latest(self, state: dict) -> None:
-        atomic_write_bytes(self.latest_path, lambda f: torch.save(state, f))
+        """The new latest; the one it replaces becomes ``latest.prev.pt``."""
+        nxt = self.folder / _NEXT
+        self._write(nxt, state)
+        if self.latest_path.exists():
+            os.replace(self.latest_path, self.prev_path)
+        os.replace(nxt, self.latest_path)
 
     def load_latest(self, map_location: str | torch.device = "cpu") -> dict | None:
+        """``latest.pt`` as saved, or None when there is none (no fallback: see load_resumable)."""
         if not self.latest_path.exists():
             return None
         return torch.load(self.latest_path, map_location=map_location, weights_only=False)
 
+    def load_resumable(
+        self,
+        map_location: str | torch.device = "cpu",
+        check: Callable[[dict], None] | None = None,
+    ) -> dict | None:
+        """The newest intact checkpoint to resume from, or None for a fresh start.
+
+        Tries ``latest.pt``, then a complete new latest left between its write and its rename,
+        then ``latest.prev.pt``. A file that does not load, lacks the resume state or fails
+        ``check`` is logged and set aside as ``<name>.corrupt``; a :class:`CheckpointMismatch`
+        from ``check`` (another config) is raised, never skipped. The state's ``_source`` is
+        the file it came from.
+        """
+        candidates = [self.latest_path, self.folder / _NEXT, self.prev_path]
+        found = [p for p in candidates if p.exists()]
+        bad: list[str] = []
+        for path in found:
+            try:
+                state = torch.load(path, map_location=map_location, weights_only=False)
+                if not isinstance(state, dict) or any(k not in state for k in RESUME_KEYS):
+                    raise ValueError("not a resume checkpoint (keys missing)")
+                if check is not None:
+                    check(state)
+            except CheckpointMismatch:
+                raise
+            except Exception as e:  # truncated zip, bad pickle, EOF, wrong shapes, disk error
+                why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+                aside = path.with_name(path.name + ".corrupt")
+                os.replace(path, aside)
+                self.log(f"checkpoint {path} is corrupt ({why}); set aside as {aside.name}")
+                bad.append(path.name)
+                continue
+            if bad:
+                self.log(
+                    f"resuming from the newest intact checkpoint {path.name} "
+                    f"(step {state['step']}) instead of {', '.join(bad)}"
+                )
+            state["_source"] = str(path)
+            return state
+        if bad:
+            self.log(f"no intact checkpoint in {self.folder}: starting fresh from step 0")
+        return None
+
     def best(self) -> list[dict]:
-        """The kept best checkpoints, best first: dicts with step, val_loss, file."""
-        idx = self.folder / "best.json"
-        return json.loads(idx.read_text()) if idx.exists() else []
+        """The kept best checkpoints, best first: dicts with step, val_loss, file.
+
+        An unreadable ``best.json`` (truncated, say) is rebuilt from the ``best-*.pt`` files and
+        the run's validation losses, and the rebuild is logged.
+        """
+        idx = self.folder / BEST_INDEX
+        if not idx.exists():
+            return []
+        try:
+            best = json.loads(idx.read_text())
+            if not isinstance(best, list) or not all(
+                isinstance(b, dict) and {"step", "val_loss", "file"} <= b.keys() for b in best
+            ):
+                raise ValueError("not a list of {step, val_loss, file}")
+            return best
+        except (OSError, ValueError) as e:
+            best = self._rebuild_best()
+            with disk_full_is_one_line(idx):
+                atomic_write_json(idx, best)
+            why = str(e).splitlines()[0][:200]
+            self.log(
+                f"checkpoint index {idx} was unreadable ({why}); rebuilt with {len(best)} "
+                "best checkpoint(s) from the best-*.pt files and the validation losses"
+            )
+            return best
+
+    def _rebuild_best(self) -> list[dict]:
+        """Entries for the best-*.pt files whose step has a validation loss; others dropped."""
+        losses: dict[int, float] = {}
+        val = self.folder.parent / family_file("val_metrics")
+        if val.exists():
+            try:
+                import pandas as pd
+
+                df = pd.read_parquet(val, columns=["step", "val_loss"])
+                losses = dict(
+                    zip(df["step"].astype(int), df["val_loss"].astype(float), strict=True)
+                )
+            except Exception:  # unreadable metrics: nothing to rank by
+                losses = {}
+        entries, orphans = [], []
+        for f in sorted(self.folder.glob("best-*.pt")):
+            m = _BEST_RE.match(f.name)
+            step = int(m.group(1)) if m else None
+            loss = losses.get(step) if step is not None else None
+            if loss is None or loss != loss:  # no row, or NaN
+                orphans.append(f)
+            else:
+                entries.append({"step": step, "val_loss": loss, "file": f.name})
+        entries.sort(key=lambda b: (b["val_loss"], b["step"]))
+        for b in entries[self.keep_best :]:
+            orphans.append(self.folder / b["file"])
+        for f in orphans:
+            f.unlink(missing_ok=True)
+        return entries[: self.keep_best]
 
     def offer_best(self, val_loss: float, step: int, model_state: dict) -> bool:
         """Keep the model if it is among the best k by validation loss; drop the worst."""
@@ -46,13 +237,14 @@ class Checkpoints:
         if len(best) >= self.keep_best and val_loss >= best[-1]["val_loss"]:
             return False
         name = f"best-{step:07d}.pt"
-        atomic_write_bytes(self.folder / name, lambda f: torch.save(model_state, f))
+        self._write(self.folder / name, model_state)
         best = sorted(
             best + [{"step": step, "val_loss": val_loss, "file": name}],
             key=lambda b: (b["val_loss"], b["step"]),
         )
         dropped, best = best[self.keep_best :], best[: self.keep_best]
-        atomic_write_json(self.folder / "best.json", best)
+        with disk_full_is_one_line(self.folder / BEST_INDEX):
+            atomic_write_json(self.folder / BEST_INDEX, best)
         for b in dropped:
             (self.folder / b["file"]).unlink(missing_ok=True)
         return True
@@ -62,7 +254,8 @@ class Checkpoints:
         best = self.best()
         keep = [b for b in best if b["step"] <= step]
         if keep != best:
-            atomic_write_json(self.folder / "best.json", keep)
+            with disk_full_is_one_line(self.folder / BEST_INDEX):
+                atomic_write_json(self.folder / BEST_INDEX, keep)
             for b in best:
                 if b["step"] > step:
                     (self.folder / b["file"]).unlink(missing_ok=True)

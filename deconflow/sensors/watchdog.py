@@ -20,25 +20,21 @@ an instance and a cursor: it needs no daemon to be tested.
 from __future__ import annotations
 
 import functools
-import json
-import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import dagster as dg
 
-from deconflow.failures import UNKNOWN, classify_log
 from deconflow.protocol import (
     ALERT_TAG,
+    ANALYSIS_JOB,
     ANALYSIS_KIND,
     CANCELLED,
     CELL_TAG,
     FAILED,
     FAILURE_CLASS_TAG,
     FAILURE_REASON_TAG,
-    HEARTBEAT,
     IN_PROGRESS_STATES,
     KIND_TAG,
     PARTITION_TAG,
@@ -48,6 +44,7 @@ from deconflow.protocol import (
     STUCK_TAG,
     SWEEP_TAG,
     TRAIN_LOG,
+    TRAINING_JOB,
     cell_of_partition,
     partition_key_str,
     run_state,
@@ -62,6 +59,16 @@ from deconflow.sensors.policy import (
     decide,
     failure_class,
 )
+from deconflow.sensors.run_index import (
+    LatestRun,
+    cell_history,
+    failure_from_events,
+    heartbeat_of,
+    latest_runs,
+    run_info,
+    stuck_reason,
+    ts_of,
+)
 from deconflow.settings import work_dir
 from deconflow.sweep import Cell, Grid, GridError, parse_key
 
@@ -69,9 +76,7 @@ _IN_PROGRESS = [dg.DagsterRunStatus(k) for k, v in RUN_STATES.items() if v in IN
 _STARTED = ("STARTING", "STARTED", "CANCELING")  # in flight and past the queue
 _LIVE = frozenset(s.value for s in _IN_PROGRESS)
 _SUCCESS = dg.DagsterRunStatus.SUCCESS.value
-ANALYSIS_JOB = "analyse_sweep"  # the job definitions.py builds for the analysis assets
 TRAINING_ASSET = "training_run"
-HISTORY_LIMIT = 50  # runs read per newly failed cell: retries since its last success fit
 ANALYSIS_LOOKBACK_S = 86400.0  # on a fresh cursor, analysis failures of the last day alert
 ANALYSIS_BATCH = 200  # failed unpartitioned runs read per tick
 ANALYSIS_OVERLAP_S = 60.0  # the watermark trails the tick by this much
@@ -97,238 +102,6 @@ class TickReport:
             f"{len(self.alerts)} alerts"
         )
         return "\n".join([head, *self.lines])
-
-
-@dataclass
-class LatestRun:
-    """The latest run of one partition, as the light latest-run query returns it."""
-
-    run_id: str
-    status: str  # DagsterRunStatus value
-    partition: str
-    create_time: float | None = None
-    start_time: float | None = None
-
-
-def _ts(value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, int | float):
-        return float(value)
-    if value.tzinfo is None:  # the run storage keeps naive UTC
-        value = value.replace(tzinfo=UTC)
-    return value.timestamp()
-
-
-_TERMINAL = frozenset({"SUCCESS", "FAILURE", "CANCELED"})
-REBUILD_S = 600.0  # the in-process index of latest runs is rebuilt from scratch this often
-
-
-class _LatestIndex:
-    """Per partition its latest run ``(id, run id, status)``, kept in this process (the code
-    server) between ticks and brought up to date from what changed: runs created since the
-    last tick (ids above the highest seen: a primary-key range) and the status of latest runs
-    not yet finished (bounded by the runs in flight). A finished run's status never changes,
-    so nothing else needs reading; a full rebuild every ``REBUILD_S`` (and whenever the
-    storage looks reset) covers deleted runs."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, tuple[int, str, str]] = {}
-        self.max_id = 0
-        self.built = -1e18
-        self.lock = threading.Lock()
-
-
-_INDEXES: dict[str, _LatestIndex] = {}
-
-
-def _storage_key(storage) -> str | None:
-    """A stable name of a run storage's database (None for an in-memory one: not cached)."""
-    for attr in ("_conn_string", "postgres_url", "mysql_url"):
-        value = getattr(storage, attr, None)
-        if value and ":memory:" not in str(value):
-            return f"{type(storage).__name__}:{value}"
-    return None
-
-
-def latest_runs(instance: dg.DagsterInstance) -> list[tuple]:
-    """(partition, run id, status, created, started) of every partition's latest run; the two
-    times (epoch seconds) only for runs not finished (None otherwise).
-
-    On SQL run storages (SQLite, Postgres) the first call of a process, and one every
-    ``REBUILD_S``, is one ``GROUP BY partition`` over the storage's covering index of
-    partitions (never a read of run bodies); the calls between read only what changed (see
-    :class:`_LatestIndex`). Other storages: Dagster's run-partition data.
-    """
-    from dagster._core.storage.runs.schema import RunsTable
-    from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
-    from dagster._core.storage.sqlalchemy_compat import db_select
-    from sqlalchemy import func
-
-    storage = instance.run_storage
-    if not isinstance(storage, SqlRunStorage):
-        return [  # newest first per partition
-            (d.partition, d.run_id, d.status.value, None, d.start_time)
-            for d in instance.get_run_partition_data(dg.RunsFilter())
-        ]
-    key = _storage_key(storage)
-    index = _INDEXES.setdefault(key, _LatestIndex()) if key else _LatestIndex()
-    cols = [RunsTable.c.id, RunsTable.c.partition, RunsTable.c.run_id, RunsTable.c.status]
-    times: dict[str, tuple] = {}
-    with index.lock, storage.connect() as conn:
-        top = conn.execute(db_select([func.max(RunsTable.c.id)])).scalar() or 0
-        if time.monotonic() - index.built > REBUILD_S or top < index.max_id:
-            newest = (
-                db_select([func.max(RunsTable.c.id)])
-                .where(RunsTable.c.partition.isnot(None))
-                .group_by(RunsTable.c.partition)
-            )
-            rows = conn.execute(db_select(cols).where(RunsTable.c.id.in_(newest))).fetchall()
-            index.rows = {p: (i, r, st) for i, p, r, st in rows}
-            index.built = time.monotonic()
-        else:
-            new = conn.execute(
-                db_select(cols)
-                .where(RunsTable.c.id > index.max_id)
-                .where(RunsTable.c.partition.isnot(None))
-                .order_by(RunsTable.c.id.asc())
-            ).fetchall()
-            for i, p, r, st in new:
-                index.rows[p] = (i, r, st)
-        index.max_id = top
-        # The latest runs not finished: their status now, and their times.
-        live = {r: p for p, (_, r, st) in index.rows.items() if st not in _TERMINAL}
-        ids = list(live)
-        live_cols = [RunsTable.c.run_id, RunsTable.c.status, RunsTable.c.create_timestamp]
-        if storage.has_run_stats_index_cols():
-            live_cols.append(RunsTable.c.start_time)
-        for k in range(0, len(ids), 500):
-            query = db_select(live_cols).where(RunsTable.c.run_id.in_(ids[k : k + 500]))
-            for row in conn.execute(query).fetchall():
-                r, st = row[0], row[1]
-                index.rows[live[r]] = (index.rows[live[r]][0], r, st)
-                times[r] = (_ts(row[2]), _ts(row[3]) if len(row) > 3 else None)
-        none = (None, None)
-        return [(p, r, st, *times.get(r, none)) for p, (_, r, st) in index.rows.items()]
-
-
-def _run_info(rec) -> RunInfo:
-    run = rec.dagster_run
-    return RunInfo(
-        run.run_id,
-        run_state(run.status),
-        dict(run.tags),
-        rec.start_time,
-        _ts(rec.create_timestamp),
-    )
-
-
-def cell_history(
-    instance: dg.DagsterInstance, partition: str, limit: int = HISTORY_LIMIT
-) -> tuple[list[RunInfo], int]:
-    """A partition's most recent runs, newest first, and its number of runs."""
-    flt = dg.RunsFilter(tags={PARTITION_TAG: partition})
-    recs = instance.get_run_records(flt, limit=limit)
-    n = len(recs) if len(recs) < limit else instance.get_runs_count(flt)
-    return [_run_info(r) for r in recs], n
-
-
-def failure_from_events(instance: dg.DagsterInstance, run_id: str) -> tuple[str, str]:
-    """(class, reason line) of a failed run from its failure events: the class a
-    ``TrainingFailed`` declared, else the one its error text names; the reason is the
-    deepest cause's first line (``SlurmConfigError: invalid ...``)."""
-    types = {
-        dg.DagsterEventType.STEP_FAILURE,
-        dg.DagsterEventType.RESOURCE_INIT_FAILURE,
-        dg.DagsterEventType.RUN_FAILURE,
-    }
-    declared, line, texts = None, "", []
-    for rec in instance.get_records_for_run(run_id, of_type=types, limit=20).records:
-        event = rec.event_log_entry.dagster_event
-        data = event.event_specific_data if event else None
-        user = getattr(data, "user_failure_data", None)
-        if user is not None:
-            value = (user.metadata or {}).get("failure_class")
-            declared = declared or (value.value if value is not None else None)
-            if user.description:
-                texts.append(user.description)
-                line = line or user.description.strip().splitlines()[0]
-        error = getattr(data, "error", None)
-        if error is not None:
-            texts.append(error.to_string())
-            deepest = error
-            while deepest.cause is not None:
-                deepest = deepest.cause
-            first = deepest.message.strip().splitlines()
-            line = line or (first[0] if first else "")
-    cls = declared or classify_log("\n".join(texts))
-    return cls or UNKNOWN, line
-
-
-def _heartbeat(work: Path) -> dict:
-    try:
-        beat = json.loads((work / HEARTBEAT).read_text())
-        return beat if isinstance(beat, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def last_progress(work: Path, run: RunInfo) -> float:
-    """When the run last wrote its heartbeat, but not before it started."""
-    started = run.start_time or run.create_time or 0.0
-    try:
-        beat = float(_heartbeat(work)["time"])
-    except (KeyError, TypeError, ValueError):
-        beat = 0.0
-    return max(beat, started)
-
-
-def stuck_reason(
-    run: RunInfo, beat: dict, entry: list | None, settings: WatchdogSettings, now: float
-) -> tuple[str | None, list | None]:
-    """Why an in-flight run counts as stuck (None if it does not), and its new progress entry
-    ``[heartbeat step, when it last changed, running since]``.
-
-    Three rules: the heartbeat is older than ``stuck_after_s`` (the process stopped writing);
-    the heartbeat's step has not changed for ``no_progress_after_s`` while the run is running
-    (SLURM RUNNING; a local process once started); and the plan's rule, running for more than
-    ``slow_after_s`` and still before ``slow_before_epoch`` of ``slow_of_epochs`` epochs
-    (scaled to the run's own length).
-    """
-    started = run.start_time or run.create_time or now
-    try:
-        beat_time = float(beat["time"])
-    except (KeyError, TypeError, ValueError):
-        beat_time = 0.0
-    idle = now - max(beat_time, started)
-    if idle > settings.stuck_after_s:
-        return f"no heartbeat for {idle:.0f}s (no training progress)", entry
-    state = run.tags.get(SLURM_STATE_TAG)
-    if state is not None and state != "RUNNING":
-        return None, None  # configuring, completing, suspended: its clocks start over
-    step = beat.get("step")
-    if entry is None or entry[0] != step:
-        running_since = entry[2] if entry else (started if state is None else now)
-        entry = [step, now, running_since]
-    still = now - entry[1]
-    if still > settings.no_progress_after_s:
-        return f"no new training step for {still:.0f}s (still at step {step})", entry
-    ran = now - entry[2]
-    total = beat.get("total_steps")
-    if ran > settings.slow_after_s and isinstance(step, int) and total:
-        need = settings.slow_before_epoch / settings.slow_of_epochs  # fraction of the run
-        if step / total < need:
-            epoch = float(beat.get("epoch") or 0.0)
-            epochs = total * epoch / step if step and epoch else None
-            where = (
-                f"epoch {epoch:.2f} of {epochs:.0f}, rule: epoch {need * epochs:.2f} "
-                if epochs
-                else f"step {step} of {total}, rule: {need:.0%} of the steps "
-            )
-            return f"running {ran:.0f}s and still at {where}within {settings.slow_after_s:.0f}s", (
-                entry
-            )
-    return None, entry
 
 
 def cancel_job(run: RunInfo, compute: ComputeResource | None) -> str:
@@ -411,7 +184,7 @@ def _in_flight_infos(instance: dg.DagsterInstance, runs: list[LatestRun]) -> dic
     if not isinstance(storage, SqlRunStorage):
         ids = [lr.run_id for lr in runs]
         for rec in instance.get_run_records(dg.RunsFilter(run_ids=ids), limit=len(ids)):
-            out[rec.dagster_run.run_id] = _run_info(rec)
+            out[rec.dagster_run.run_id] = run_info(rec)
         return out
     for lr in runs:
         out[lr.run_id] = RunInfo(lr.run_id, run_state(lr.status), {}, lr.start_time, lr.create_time)
@@ -444,7 +217,7 @@ def _failed_unpartitioned_since(
             ascending=True,
         )
         return [
-            (r.dagster_run.run_id, _ts(r.update_timestamp) or since)
+            (r.dagster_run.run_id, ts_of(r.update_timestamp) or since)
             for r in recs
             if PARTITION_TAG not in r.dagster_run.tags
         ]
@@ -457,7 +230,7 @@ def _failed_unpartitioned_since(
         .limit(limit)
     )
     return [
-        (row["run_id"], _ts(row["update_timestamp"]) or since) for row in storage.fetchall(query)
+        (row["run_id"], ts_of(row["update_timestamp"]) or since) for row in storage.fetchall(query)
     ]
 
 
@@ -521,7 +294,7 @@ def evaluate_tick(
         if lr.run_id in cur.cancelled:
             continue  # cancelled on an earlier tick; the run worker has yet to notice
         reason, entry = stuck_reason(
-            run, _heartbeat(work / cell), cur.progress.get(lr.run_id), settings, now
+            run, heartbeat_of(work / cell), cur.progress.get(lr.run_id), settings, now
         )
         if entry is not None:
             progress[lr.run_id] = entry
@@ -625,7 +398,7 @@ def evaluate_tick(
 def build_watchdog_sensor(
     grid: Grid,
     settings: WatchdogSettings | None = None,
-    job_name: str = "train_cells",
+    job_name: str = TRAINING_JOB,
     name: str = "deconflow_watchdog",
 ) -> dg.SensorDefinition:
     """The sensor for ``dagster dev`` (running by default); settings default to the env."""

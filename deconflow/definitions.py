@@ -13,7 +13,7 @@ from deconflow.assets.checks import all_cells_materialized, build_fresh_check, q
 from deconflow.assets.database import build_database_assets
 from deconflow.assets.tables import build_table_assets
 from deconflow.assets.training import build_training_run
-from deconflow.protocol import ANALYSIS_KIND, KIND_TAG
+from deconflow.protocol import ANALYSIS_JOB, ANALYSIS_KIND, KIND_TAG, TRAINING_JOB
 from deconflow.resources import compute_from_env, sweep_from_env
 from deconflow.sensors import AlertWebhook, build_watchdog_sensor
 from deconflow.sweep import Grid, load_grid
@@ -52,12 +52,12 @@ def build_definitions(grid: Grid | None = None, resources: dict | None = None) -
         asset_checks=[all_cells_materialized, quality_gates, build_fresh_check(grid)],
         jobs=[
             dg.define_asset_job(
-                "train_cells",
+                TRAINING_JOB,
                 selection=[training_run],
                 description="Train the selected partitions (backfills).",
             ),
             dg.define_asset_job(
-                "analyse_sweep",
+                ANALYSIS_JOB,
                 selection=analysis,
                 tags={KIND_TAG: ANALYSIS_KIND},
                 # One process for the whole analysis: a process per step would cost more

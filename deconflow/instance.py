@@ -58,7 +58,7 @@ def render_dagster_yaml() -> str:
     analysis = _int_env("DECONFLOW_ANALYSIS_SLOTS", 2)
     storage = ""
     if os.environ.get("DECONFLOW_PG_URL"):
-        storage = f"storage:\n  postgres:\n    postgres_url: \"{pg_url_for_dagster()}\"\n"
+        storage = f'storage:\n  postgres:\n    postgres_url: "{pg_url_for_dagster()}"\n'
     return f"""{GENERATED}
 {storage}concurrency:
   runs:

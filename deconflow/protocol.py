@@ -33,6 +33,8 @@ LAUNCHED_BY_TAG = "deconflow/launched_by"  # which command created the run
 PARTITION_TAG = "dagster/partition"  # Dagster's own tag on partitioned runs
 KIND_TAG = "deconflow/kind"  # what a run does: ANALYSIS_KIND for the analysis refreshes
 ANALYSIS_KIND = "analysis"  # runs of the analysis assets (never queued behind training runs)
+TRAINING_JOB = "train_cells"  # the job of the training partitions (backfills, retries)
+ANALYSIS_JOB = "analyse_sweep"  # the job of the analysis assets
 
 # --- files in a run's work folder (and, for RUN_FILES, its published folder) --------------
 SUMMARY = "summary.json"  # written last by a run that ended (completed or diverged)

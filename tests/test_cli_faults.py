@@ -156,7 +156,7 @@ def test_ctrl_c_cancels_the_whole_materialize_command(tmp_path, reaper) -> None:
     env = _env(
         data,
         DECONFLOW_FAULT="hang@8",  # every training hangs at step 8: both stay in flight
-        DECONFLOW_TRAIN_OVERRIDES=json.dumps({"epochs": 2, "heartbeat_every_s": 0.2}),
+        DECONFLOW_TRAIN_OVERRIDES=json.dumps({"epochs": 2, "heartbeat_every_s": 0}),  # every step
     )
     proc = _cli(["materialize", "--key", *keys, "--workers", "2", "--no-analysis"], env, tmp_path)
     works = [data / "work" / k for k in keys[:2]]

@@ -170,7 +170,7 @@ def harness(request, slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
 @cluster_test
 def test_scancel_mid_run_resumes(harness) -> None:
     h = harness()
-    t = h.inject_when(5, lambda: subprocess.run(["scancel", h.job_id()], check=True))
+    t = h.inject_when(12, lambda: subprocess.run(["scancel", h.job_id()], check=True))
     assert not h.materialize()
     t.join(10)
     assert h.runs()[0].tags["deconflow/failure_class"] == "cancelled"

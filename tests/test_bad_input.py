@@ -144,7 +144,7 @@ def test_train_bad_settings(tmp_path, args, message) -> None:
         (
             ["--key", KEY],
             {"DECONFLOW_TRAIN_OVERRIDES": json.dumps({"epoch": 3})},
-            "unexpected keyword argument 'epoch'",
+            "unknown training setting 'epoch'",
         ),
         (["--key", KEY], {"DECONFLOW_COMPUTE": "k8s"}, "DECONFLOW_COMPUTE must be"),
     ],

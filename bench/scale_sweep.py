@@ -39,6 +39,8 @@ import requests
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from deconflow.protocol import WORKER_TAG  # noqa: E402
+
 LAUNCH_BACKFILL = """
 mutation($params: LaunchBackfillParams!) {
   launchPartitionBackfill(backfillParams: $params) {
@@ -120,11 +122,15 @@ class Orchestrator:
             time.sleep(1)
         raise SystemExit(f"dagster dev did not come up; see {self.log}")
 
-    def sample(self) -> None:
+    def sample(self, instance) -> None:
+        """Total RSS of the ``dagster dev`` tree, and of each run worker in it (found by the
+        worker identity the training asset tags its run with)."""
         if self.proc is None or self.proc.poll() is not None:
             return
         pids = tree_pids(self.proc.pid)
-        workers = [p for p in pids if "execute_run" in cmd_of(p) or "api execute" in cmd_of(p)]
+        live = instance.get_runs(dg_filter_live(), limit=1000)
+        tagged = {int(r.tags[WORKER_TAG].split(":")[1]) for r in live if WORKER_TAG in r.tags}
+        workers = [p for p in pids if p in tagged]
         self.samples.append(
             {
                 "t": time.time(),
@@ -145,6 +151,29 @@ class Orchestrator:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
         self.proc = None
+
+
+def dg_filter_live():
+    import dagster as dg
+
+    return dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING])
+
+
+def bench_processes(data: Path) -> list[int]:
+    """Processes (other than this one) started for this benchmark: they carry its data folder
+    in their environment. Run workers, code servers and training processes all inherit it."""
+    marker = f"DECONFLOW_DATA={data}".encode()
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in env:
+            out.append(int(entry.name))
+    return out
 
 
 def graphql(port: int, query: str, variables: dict) -> dict:
@@ -254,7 +283,7 @@ def main() -> int:
     restart_gap = None
     jobs_before_stop: list[str] = []
     while time.time() - t0 < args.timeout:
-        orch.sample()
+        orch.sample(instance)
         n = landed()
         if restarted_at is None and n >= args.restart_at * n_cells:
             jobs_before_stop = [
@@ -279,11 +308,11 @@ def main() -> int:
     wall = time.time() - t0
     # Let the analysis catch up with the last landing, then stop everything.
     time.sleep(90)
-    orch.sample()
+    orch.sample(instance)
     orch.stop()
     time.sleep(3)
 
-    report = collect(instance, env, data, url, grid, orch, wall, restarted_at, restart_gap)
+    report = collect(instance, env, data, url, grid, orch, t0, wall, restarted_at, restart_gap)
     report["jobs_live_at_stop"] = len(jobs_before_stop)
     (out / "scale_report.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))
@@ -298,7 +327,7 @@ def main() -> int:
     return 0 if report["proof"]["all_ok"] else 1
 
 
-def collect(instance, env, data, url, grid, orch, wall, restarted_at, restart_gap) -> dict:
+def collect(instance, env, data, url, grid, orch, t0, wall, restarted_at, restart_gap) -> dict:
     import dagster as dg
     import duckdb
     import psycopg2
@@ -314,8 +343,10 @@ def collect(instance, env, data, url, grid, orch, wall, restarted_at, restart_ga
 
     # Per cell: submit -> training start, training end -> materialized.
     submit_to_start, end_to_mat = [], []
+    since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0 - 5))
     sacct = subprocess.run(
-        ["sacct", "-n", "-P", "-X", "-o", "JobID,JobName,State,Submit,Start", "-S", "now-6hours"],
+        # Only this benchmark's jobs: submitted since it started.
+        ["sacct", "-n", "-P", "-X", "-o", "JobID,JobName,State,Submit,Start", "-S", since],
         env=env,
         capture_output=True,
         text=True,
@@ -375,11 +406,7 @@ def collect(instance, env, data, url, grid, orch, wall, restarted_at, restart_ga
         ).fetchone()[0]
         c.close()
 
-    leftover = [
-        p
-        for p in (int(x.name) for x in Path("/proc").iterdir() if x.name.isdigit())
-        if any(s in cmd_of(p) for s in ("dagster", "deconflow.training.run")) and p != os.getpid()
-    ]
+    leftover = [f"{p} {cmd_of(p)[:120]}" for p in bench_processes(data)]
     live_jobs = [
         ln
         for ln in subprocess.run(

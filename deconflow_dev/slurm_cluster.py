@@ -29,8 +29,17 @@ NODE_NAME = "localhost"
 PARTITION = "gpu"
 # Fake GPUs and GPU shards the node advertises; the scale benchmark raises them
 # (e.g. DECONFLOW_SLURM_GPUS=8 DECONFLOW_SLURM_SHARDS=16 DECONFLOW_SLURM_CPUS=16).
-GPU_COUNT = int(os.environ.get("DECONFLOW_SLURM_GPUS", "4"))
-SHARD_COUNT = int(os.environ.get("DECONFLOW_SLURM_SHARDS", "8"))
+# Read when the config is rendered (on `up`), not at import.
+
+
+def gpu_count() -> int:
+    return int(os.environ.get("DECONFLOW_SLURM_GPUS", "4"))
+
+
+def shard_count() -> int:
+    return int(os.environ.get("DECONFLOW_SLURM_SHARDS", "8"))
+
+
 # Default SLURM ports are 6817/6818/6819 and MariaDB's is 3306; stay clear of all of them.
 SLURMCTLD_PORT = 16817
 SLURMD_PORT = 16818
@@ -427,7 +436,8 @@ def write_configs(lay: Layout) -> None:
         )
     # slurmd insists gres File= entries are char/block devices; a symlink to /dev/null passes
     # its stat() without mknod privileges, and the trailing digit sets CUDA_VISIBLE_DEVICES.
-    for i in range(GPU_COUNT):
+    gpus, shards = gpu_count(), shard_count()
+    for i in range(gpus):
         fake = lay.dev / f"nvidia{i}"
         if fake.is_symlink() and os.readlink(fake) == os.devnull:
             continue
@@ -485,15 +495,15 @@ InactiveLimit=0
 Waittime=0
 NodeName={NODE_NAME} NodeHostname={NODE_NAME} NodeAddr=127.0.0.1 CPUs={cpus} Boards=1 \
 SocketsPerBoard=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={_real_memory_mb()} \
-Gres=gpu:{GPU_COUNT},shard:{SHARD_COUNT} State=UNKNOWN
+Gres=gpu:{gpus},shard:{shards} State=UNKNOWN
 PartitionName={PARTITION} Nodes={NODE_NAME} Default=YES MaxTime=INFINITE State=UP \
 OverSubscribe=FORCE:4
 """
     gres_conf = f"""\
 # Fake GPUs: symlinks to /dev/null pass as /dev/nvidiaN; CUDA_VISIBLE_DEVICES is set per job.
 AutoDetect=off
-NodeName={NODE_NAME} Name=gpu File={lay.dev}/nvidia[0-{GPU_COUNT - 1}]
-NodeName={NODE_NAME} Name=shard Count={SHARD_COUNT}
+NodeName={NODE_NAME} Name=gpu File={lay.dev}/nvidia[0-{gpus - 1}]
+NodeName={NODE_NAME} Name=shard Count={shards}
 """
     cgroup_conf = """\
 # Unused (proctrack/linuxproc + task/none) but read by slurmd; keep it from touching cgroups.
@@ -740,8 +750,8 @@ def up(state_dir: Path | None = None) -> ClusterInfo:
         cluster_name=CLUSTER_NAME,
         node_name=NODE_NAME,
         partition=PARTITION,
-        gpus=GPU_COUNT,
-        shards=SHARD_COUNT,
+        gpus=gpu_count(),
+        shards=shard_count(),
         ports={
             "slurmctld": SLURMCTLD_PORT,
             "slurmd": SLURMD_PORT,

@@ -89,6 +89,22 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def _group(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            out.append(int(entry.name))
+    return out
+
+
 def cmd_of(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
@@ -140,17 +156,33 @@ class Orchestrator:
             }
         )
 
-    def stop(self) -> None:
-        """What Ctrl-C on ``dagster dev`` does: SIGINT to the process group, then wait."""
+    def stop(self, grace_s: float = 120) -> dict:
+        """What Ctrl-C on ``dagster dev`` does: SIGINT to the process group, then wait; after
+        ``grace_s`` SIGKILL, what a user's ``kill -9`` or a crashed VM does. Returns how long it
+        took and which processes were still there after 10 s."""
         if self.proc is None:
-            return
-        os.killpg(self.proc.pid, signal.SIGINT)
-        try:
-            self.proc.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+            return {}
+        t0 = time.monotonic()
+        pgid = self.proc.pid
+        os.killpg(pgid, signal.SIGINT)
+        after_10s: list[str] = []
+        killed = False
+        while self.proc.poll() is None or _group(pgid):
+            waited = time.monotonic() - t0
+            if not after_10s and waited > 10:
+                after_10s = [cmd_of(p)[:100] for p in _group(pgid)] or ["-"]
+            if waited > grace_s:
+                os.killpg(pgid, signal.SIGKILL)
+                killed = True
+                self.proc.wait(10)
+                break
+            time.sleep(0.5)
         self.proc = None
+        return {
+            "stop_s": round(time.monotonic() - t0, 1),
+            "sigkilled": killed,
+            "alive_after_10s": [c for c in after_10s if c != "-"],
+        }
 
 
 def dg_filter_live():
@@ -251,12 +283,19 @@ def main() -> int:
         "SLURM_CONF": str(info.slurm_conf),
         "DECONFLOW_TORCH_THREADS": "1",
     }
-    os.environ.update({k: env[k] for k in ("DECONFLOW_DATA", "DAGSTER_HOME", "DECONFLOW_PG_URL")})
+    # dagster.yaml (the slots among it) is rendered from this environment, as `deconflow dev`
+    # renders it from the user's.
+    os.environ.update(env)
     from deconflow.instance import ensure_dagster_home
 
     ensure_dagster_home()
 
     import dagster as dg
+
+    limits = dg.DagsterInstance.get().get_concurrency_config().run_queue_config
+    slot_limit = {t["key"]: t["limit"] for t in limits.tag_concurrency_limits}
+    if slot_limit.get("dagster/partition/variant") != args.slots:
+        raise SystemExit(f"the instance's training slots are {slot_limit}, not {args.slots}")
 
     from deconflow.sweep import load_grid
 
@@ -281,6 +320,7 @@ def main() -> int:
 
     restarted_at = None
     restart_gap = None
+    stop_info: dict = {}
     jobs_before_stop: list[str] = []
     while time.time() - t0 < args.timeout:
         orch.sample(instance)
@@ -295,7 +335,8 @@ def main() -> int:
             ]
             print(f"[{time.time() - t0:.0f}s] {n} landed: stopping dagster dev", flush=True)
             t_stop = time.time()
-            orch.stop()
+            stop_info = orch.stop()
+            print(f"stopped: {stop_info}", flush=True)
             time.sleep(5)
             orch.start()
             restart_gap = time.time() - t_stop
@@ -314,6 +355,7 @@ def main() -> int:
 
     report = collect(instance, env, data, url, grid, orch, t0, wall, restarted_at, restart_gap)
     report["jobs_live_at_stop"] = len(jobs_before_stop)
+    report["restart_stop"] = stop_info
     (out / "scale_report.json").write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str))
 

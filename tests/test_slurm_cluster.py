@@ -148,3 +148,18 @@ def test_down_then_up_again(slurm: cluster.ClusterInfo, tmp_path: Path) -> None:
     assert cluster.status(slurm.state_dir)["up"]
     job = _sbatch(slurm, tmp_path, "--gres=gpu:1", "--wrap", "true")
     assert _wait_sacct(slurm, job, "COMPLETED") == "COMPLETED"
+
+
+def test_slot_counts_come_from_the_environment_at_up(tmp_path: Path, monkeypatch) -> None:
+    """The scale benchmark sets the node's GPUs and shards after importing this module: the
+    counts are read when the configs are rendered, not frozen at import."""
+    monkeypatch.setenv("DECONFLOW_SLURM_GPUS", "8")
+    monkeypatch.setenv("DECONFLOW_SLURM_SHARDS", "16")
+    monkeypatch.setenv("DECONFLOW_SLURM_CPUS", "16")
+    lay = cluster._layout(tmp_path / "s")
+    cluster.write_configs(lay)
+    conf = lay.slurm_conf.read_text()
+    assert "Gres=gpu:8,shard:16" in conf and "CPUs=16" in conf
+    gres = lay.gres_conf.read_text()
+    assert "nvidia[0-7]" in gres and "Name=shard Count=16" in gres
+    assert len(list(lay.dev.glob("nvidia*"))) == 8

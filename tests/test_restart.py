@@ -120,6 +120,47 @@ def test_orchestrator_stop_leaves_the_job_and_the_retry_reattaches(
 
 
 @cluster_test
+def test_a_job_that_finished_unwatched_is_reported_not_trained_again(
+    slurm_cluster,  # noqa: F811
+    pg_dagster_home,
+    tmp_path,
+) -> None:
+    """The run worker is killed and its job completes before anything retries it: the next
+    run of the partition reports that job's results (no second job). A rerun after that
+    success trains again (a new job)."""
+    prefix = _prefix()
+    name = f"{prefix}-{CELL.key}"
+    data = tmp_path / "data"
+    work = data / "work" / CELL.key
+    cfg = slurm_config(slurm_cluster, prefix)
+    overrides = {"epochs": 3}
+    proc, _, log = start_child(tmp_path, data, cfg, overrides)
+    try:
+        wait_for("training to start", lambda: heartbeat_step(work) >= 2, 120, proc)
+        job = (work / "slurm" / "job_id").read_text().strip()
+        proc.kill()
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert wait_sacct_state(name, "COMPLETED", timeout=180) == [(job, "COMPLETED")]
+    with dg.DagsterInstance.get() as instance:
+        lost = _only_run(instance).run_id
+        assert [o.run_id for o in end_orphans(instance, min_age_s=0)] == [lost]
+
+    out = materialize(data, cfg, overrides)  # a user's rerun of the partition
+    assert out["success"], out
+    assert out["metadata"]["slurm_job_id"] == job and out["metadata"]["slurm_adopted"] is True
+    assert "outcome" in out["metadata"], out["metadata"]  # from summary.json: no Pipes message
+    assert _sacct_states(name) == [(job, "COMPLETED")]  # reported, not trained again
+
+    again = materialize(data, cfg, overrides)  # a rerun after that success: trains anew
+    assert again["success"], again
+    assert again["metadata"]["slurm_job_id"] != job
+    assert [state for _, state in wait_sacct_state(name, "COMPLETED")] == ["COMPLETED"] * 2
+
+
+@cluster_test
 def test_explicit_terminate_cancels_the_job(slurm_cluster, pg_dagster_home, tmp_path) -> None:  # noqa: F811
     """The run is CANCELING (a terminate from the UI or CLI): then, and only then, scancel."""
     prefix = _prefix()

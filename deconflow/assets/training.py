@@ -14,6 +14,7 @@ from deconflow.protocol import (
     RESUME_TAG,
     SLURM_DIR,
     SLURM_JOB_ID,
+    SLURM_JOB_TAG,
     SUMMARY,
     SWEEP_TAG,
 )
@@ -24,11 +25,35 @@ from deconflow.sweep import Grid
 from deconflow.warehouse.publish import publish_run
 
 
+def _reported(context, job_id: str) -> bool:
+    """Whether the partition's latest materialization came from the run that waited on
+    ``job_id`` (then a new run is a rerun and trains again)."""
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=context.asset_key, asset_partitions=[context.partition_key]
+        ),
+        limit=1,
+    ).records
+    if not records:
+        return False
+    run = context.instance.get_run_by_id(records[0].run_id)
+    return run is not None and run.tags.get(SLURM_JOB_TAG) == job_id
+
+
+def _keep_work(context, compute: ComputeResource, cell, work) -> bool:
+    """A training still running (re-attach), or one that finished while no run waited on it
+    and whose results were never reported (report them): its work folder is kept."""
+    if compute.has_live_attempt(cell, work):
+        return True
+    done = compute.finished_job(cell, work)
+    return done is not None and not _reported(context, done)
+
+
 def _attempt(context, compute: ComputeResource, sweep: SweepSettings, cell, work, overrides):
-    """One attempt, under the partition's lock: keep the work folder for a resume or a live
-    training (re-attach), else start from a clean one."""
+    """One attempt, under the partition's lock: keep the work folder for a resume, a live
+    training or an unreported finished one, else start from a clean one."""
     fresh = context.run.tags.get(RESUME_TAG) != "true"
-    if fresh and work.exists() and not compute.has_live_attempt(cell, work):
+    if fresh and work.exists() and not _keep_work(context, compute, cell, work):
         context.log.info(f"fresh attempt: clearing {work}")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)

@@ -112,6 +112,11 @@ class ComputeResource(dg.ConfigurableResource):
         """Whether a job of this cell still runs (its work folder must then be kept)."""
         return False
 
+    def finished_job(self, cell: Cell, work: Path) -> str | None:
+        """The id of this cell's last job if it ended well after writing its summary (its
+        results are whole in the work folder); None otherwise."""
+        return None
+
     @abstractmethod
     def launch(self, context, cell: Cell, cmd: list[str], env: dict[str, str], work: Path) -> Any:
         """Start the process; returns a handle for ``wait`` and ``cancel``."""

@@ -205,6 +205,22 @@ class SlurmResource(ComputeResource):
         """
         return bool(self.find_live_job(self.job_name(cell), Path(work)))
 
+    def finished_job(self, cell: Cell, work: Path) -> str | None:
+        """The recorded job of this partition if SLURM says it COMPLETED and its summary was
+        written after it was submitted: an orchestrator that stopped while it ran never
+        reported it, and the next attempt reports these results instead of training again."""
+        sdir = Path(work) / SLURM_DIR
+        job_id = _read_text(sdir / SLURM_JOB_ID)
+        summary = Path(work) / SUMMARY
+        try:
+            fresh = summary.stat().st_mtime >= (sdir / SLURM_JOB_ID).stat().st_mtime
+        except OSError:
+            return None
+        if not job_id or not fresh:
+            return None
+        st = self._poller().end_states([job_id]).get(job_id)
+        return job_id if st is not None and st.base_state == "COMPLETED" else None
+
     def submit(self, script: Path) -> str:
         """``sbatch --parsable``; returns the job id.
 
@@ -235,6 +251,7 @@ class SlurmResource(ComputeResource):
             for extra_id, _ in live[1:]:  # never more than one live job per partition
                 context.log.warning(f"cancelling duplicate SLURM job {extra_id} of {name}")
                 commands.scancel(extra_id, self.client_env())
+            done = None if live else self.finished_job(cell, work)
             if live:
                 job = SlurmJob(live[0][0], name, adopted=True)
                 state = live[0][1]
@@ -242,6 +259,18 @@ class SlurmResource(ComputeResource):
                     f"re-attached to SLURM job {job.job_id} ({state}) of {cell.key} "
                     "instead of submitting a new one"
                 )
+            elif done:
+                # Its job_id file is left as it is: the summary stays newer than it, which is
+                # how the results are taken from summary.json (no Pipes message will come).
+                job = SlurmJob(done, name, adopted=True)
+                context.log.warning(
+                    f"SLURM job {done} of {cell.key} completed while no run was waiting on it: "
+                    "reporting its results instead of training again"
+                )
+                self._record(work, job, "COMPLETED")
+                _add_tags(context, {SLURM_JOB_TAG: done, SLURM_STATE_TAG: "COMPLETED"})
+                self._poller().track(done, self.poll_interval_s)
+                return job
             else:
                 atomic_write_text(sdir / SLURM_SCRIPT, script_text, mode=0o700)
                 job = SlurmJob(self.submit(sdir / SLURM_SCRIPT), name)

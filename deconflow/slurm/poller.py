@@ -147,7 +147,7 @@ class SlurmPoller:
             elif row is not None or taken_at >= since:
                 gone.append(job_id)  # left the queue (a listing older than the job proves nothing)
         if gone:
-            updates.update(self._resolve_ended(gone))
+            updates.update(self.end_states(gone))
         now = time.time()
         with self._cond:
             for job_id in gone:
@@ -199,7 +199,7 @@ class SlurmPoller:
                 jobs[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
         return jobs
 
-    def _resolve_ended(self, ids: list[str]) -> dict[str, JobState]:
+    def end_states(self, ids: list[str]) -> dict[str, JobState]:
         """End states of jobs that left the queue: one sacct, then one scontrol if needed."""
         found: dict[str, JobState] = {}
         try:

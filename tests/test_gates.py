@@ -18,6 +18,7 @@ from deconflow.analysis import hypotheses_table
 from deconflow.analysis.hypotheses import REASON_NO_BURN_IN
 from deconflow.parquet_io import read_parquet, write_parquet
 from deconflow.profiles import get_profile
+from deconflow.protocol import family_file
 from deconflow.sweep import Cell, grid_from_dict
 from deconflow.warehouse import database as database_mod
 from deconflow.warehouse import export as export_mod
@@ -360,3 +361,39 @@ def test_profiles_scale_the_analysis_windows():
             get_profile("demo", **bad)
     with pytest.raises(GridError, match="knee_epochs"):
         get_profile("demo", knee_epochs=(3.0, 1.0))
+
+
+def test_export_rewrites_only_the_time_series_whose_run_changed(faulty, tmp_path):
+    """A refresh after one cell landed rewrites that cell's series, not the whole sweep's;
+    a republished run is rewritten even when its files carry an older mtime (publishing
+    keeps the training's own write time)."""
+    import os
+    import shutil
+
+    root, _ = faulty
+    runs = tmp_path / "runs"
+    shutil.copytree(root / "runs", runs)
+    published = publish_mod.published_runs(runs, GRID)
+    fits = read_parquet(root / "tables" / "run_fits.parquet")
+    out = tmp_path / "export"
+    first = export_mod.export_dataset(fits, published, out)
+    assert first["timeseries"]["rewritten_this_refresh"] == len(published)
+    series = {k: (out / "timeseries" / f"{k}.parquet") for k in published}
+    before = {k: p.stat().st_mtime_ns for k, p in series.items()}
+
+    again = export_mod.export_dataset(fits, published, out)
+    assert again["timeseries"]["rewritten_this_refresh"] == 0
+    assert {k: p.stat().st_mtime_ns for k, p in series.items()} == before
+
+    # CLEAN's run is published again with new losses, its files dated before the export.
+    batch_file = published[CLEAN.key] / family_file("batch_metrics")
+    old_stat = batch_file.stat()
+    batch = read_parquet(batch_file)
+    batch["loss_nats"] = batch["loss_nats"] + 1.0
+    write_parquet(batch_file, batch)
+    os.utime(batch_file, ns=(old_stat.st_atime_ns, old_stat.st_mtime_ns))
+    third = export_mod.export_dataset(fits, published, out)
+    assert third["timeseries"]["rewritten_this_refresh"] == 1
+    rewritten = pd.read_parquet(series[CLEAN.key])
+    assert np.allclose(rewritten["loss_nats"].to_numpy(), batch["loss_nats"].to_numpy())
+    assert all(series[k].stat().st_mtime_ns == before[k] for k in published if k != CLEAN.key)

@@ -99,6 +99,7 @@ def build_database_assets(grid: Grid) -> list[dg.AssetsDefinition]:
                 "folder": dg.MetadataValue.path(str(export_dir())),
                 "rows": meta["row_count"],
                 "timeseries_files": len(published),
+                "timeseries_rewritten": meta["timeseries"]["rewritten_this_refresh"],
             }
         )
 

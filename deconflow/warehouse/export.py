@@ -4,7 +4,8 @@
   a missing value (e.g. no power-law fit for a run that never burns in) is an empty field.
 - ``timeseries/<run>.parquet``: the run's batch metrics, one row per step, with its
   validation metrics joined on the step; on steps without a validation point the
-  validation columns are null (Parquet null, not NaN).
+  validation columns are null (Parquet null, not NaN). ``timeseries/.sources.json`` records
+  which published files each was built from, so a refresh rewrites only changed runs.
 - ``metadata.json``: row count, date, every column with its type, nullability and meaning,
   how missing values are written, and the time-series columns and types.
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from pathlib import Path
 
 import numpy as np
@@ -74,19 +76,42 @@ def _timeseries_types() -> list[dict]:
     return cols
 
 
+SOURCES_INDEX = ".sources.json"  # per time-series file: the published files it was built from
+
+
+def _fingerprint(sources: tuple[Path, ...]) -> list[list[int]]:
+    """What identifies a published file's content: its size and mtime, which publishing keeps
+    from the training's own write (a rerun writes new files), and its inode."""
+    return [[st.st_ino, st.st_size, st.st_mtime_ns] for st in (src.stat() for src in sources)]
+
+
 def export_dataset(fits: pd.DataFrame, runs: dict[str, Path], out: Path) -> dict:
-    """The tier-4 export: run_fits CSV (no scientific notation), metadata, time series."""
+    """The tier-4 export: run_fits CSV (no scientific notation), metadata, time series.
+
+    A run's time series is rewritten only when its published metrics changed, so a refresh
+    after one cell landed costs one file, not one per run of the sweep."""
     out.mkdir(parents=True, exist_ok=True)
     text = fits.map(_positional).to_csv(index=False)
     atomic_write_bytes(out / "run_fits.csv", lambda f: f.write(text.encode()))
     ts_dir = out / "timeseries"
     ts_dir.mkdir(exist_ok=True)
+    try:
+        built = json.loads((ts_dir / SOURCES_INDEX).read_text())
+    except (OSError, ValueError):
+        built = {}
+    index, written = {}, 0
     for key, d in runs.items():
-        batch = pd.read_parquet(d / family_file(BATCH))
-        val = pd.read_parquet(d / family_file(VAL))
-        write_parquet(ts_dir / f"{key}.parquet", timeseries_frame(batch, val))
+        target = ts_dir / f"{key}.parquet"
+        sources = (d / family_file(BATCH), d / family_file(VAL))
+        index[key] = _fingerprint(sources)
+        if built.get(key) == index[key] and target.exists():
+            continue
+        batch, val = (pd.read_parquet(src) for src in sources)
+        write_parquet(target, timeseries_frame(batch, val))
+        written += 1
     for stale in set(p.stem for p in ts_dir.glob("*.parquet")) - set(runs):
         (ts_dir / f"{stale}.parquet").unlink()
+    atomic_write_json(ts_dir / SOURCES_INDEX, index)
     meta = {
         "dataset": "loss-slope sweep run_fits",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -109,6 +134,7 @@ def export_dataset(fits: pd.DataFrame, runs: dict[str, Path], out: Path) -> dict
         "timeseries": {
             "folder": "timeseries",
             "files": len(runs),
+            "rewritten_this_refresh": written,
             "file_name": "<run_id>.parquet",
             "format": "parquet",
             "rows": "one per optimizer step (batch metrics)",

@@ -161,6 +161,41 @@ def test_a_job_that_finished_unwatched_is_reported_not_trained_again(
 
 
 @cluster_test
+def test_a_job_still_queued_when_its_run_stopped_trains_and_is_reported(
+    slurm_cluster,  # noqa: F811
+    pg_dagster_home,
+    tmp_path,
+) -> None:
+    """The orchestrator stops while the job waits in the queue (its run's Pipes context is
+    gone by the time it starts): the job trains anyway, and the next run reports it."""
+    prefix = _prefix()
+    name = f"{prefix}-{CELL.key}"
+    data = tmp_path / "data"
+    work = data / "work" / CELL.key
+    # Held in the queue for 20 s, as a busy cluster would.
+    cfg = slurm_config(slurm_cluster, prefix, extra_sbatch_lines=["--begin=now+20"])
+    overrides = {"epochs": 2}
+    proc, _, log = start_child(tmp_path, data, cfg, overrides)
+    try:
+        wait_for("the job to queue", lambda: (work / "slurm" / "job_id").exists(), 120, proc)
+        job = (work / "slurm" / "job_id").read_text().strip()
+        assert any("PENDING" in r for r in squeue_by_name(name))
+        proc.send_signal(signal.SIGTERM)  # what stopping the orchestrator does to it
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any("PENDING" in r for r in squeue_by_name(name)), log.read_text()[-2000:]
+    assert wait_sacct_state(name, "COMPLETED", timeout=240) == [(job, "COMPLETED")]
+    assert "training without it" in (work / TRAIN_LOG).read_text()
+
+    out = materialize(data, cfg, overrides)
+    assert out["success"], out
+    assert out["metadata"]["slurm_job_id"] == job and out["metadata"]["slurm_adopted"] is True
+    assert _sacct_states(name) == [(job, "COMPLETED")]
+
+
+@cluster_test
 def test_explicit_terminate_cancels_the_job(slurm_cluster, pg_dagster_home, tmp_path) -> None:  # noqa: F811
     """The run is CANCELING (a terminate from the UI or CLI): then, and only then, scancel."""
     prefix = _prefix()

@@ -88,7 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DAGSTER_PIPES_CONTEXT"):
             from dagster_pipes import open_dagster_pipes
 
-            pipes = stack.enter_context(open_dagster_pipes())
+            try:
+                pipes = stack.enter_context(open_dagster_pipes())
+            except FileNotFoundError as e:
+                # The run that submitted this job ended while it was queued (an orchestrator
+                # restart): train anyway. The next run of the partition re-attaches and takes
+                # the results from summary.json.
+                print(f"[deconflow] no Dagster Pipes context ({e.filename}): training without it")
         run_cell(cell, cfg, Path(args.out), pipes)
     return 0
 

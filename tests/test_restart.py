@@ -261,11 +261,11 @@ def test_local_killed_worker_run_ends_and_the_rerun_reattaches(
     data = tmp_path / "data"
     work = data / "work" / CELL.key
     monkeypatch.setenv("DECONFLOW_DATA", str(data))
-    proc, log = _local_child(tmp_path, data, epochs=80)  # outlives the checks below
+    proc, log = _local_child(tmp_path, data, epochs=40)  # outlives the checks below
     try:
         wait_for("training to start", lambda: heartbeat_step(work) >= 2, 120, proc)
         # A second run of the same partition while the first is alive: refused at once.
-        second, second_log = _local_child(tmp_path, data, epochs=80, name="second")
+        second, second_log = _local_child(tmp_path, data, epochs=40, name="second")
         second.wait(120)
         assert "another attempt of " + CELL.key in second_log.read_text()
         proc.kill()
@@ -284,7 +284,7 @@ def test_local_killed_worker_run_ends_and_the_rerun_reattaches(
         assert run.status == dg.DagsterRunStatus.FAILURE
         assert run.tags[FAILURE_CLASS_TAG] == ORCHESTRATOR_LOST
 
-    rerun, rerun_log = _local_child(tmp_path, data, epochs=80, name="rerun")
+    rerun, rerun_log = _local_child(tmp_path, data, epochs=40, name="rerun")
     assert rerun.wait(300) == 0, rerun_log.read_text()[-3000:]
     with dg.DagsterInstance.get() as instance:
         last = instance.get_runs(limit=1)[0]

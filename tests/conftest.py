@@ -32,6 +32,17 @@ def sweep_env(tmp_path_factory, request):
         yield root / "data"
 
 
+@pytest.fixture
+def instance(tmp_path, monkeypatch):
+    """A temporary Dagster instance, with DECONFLOW_DATA in the test's own folder."""
+    import dagster as dg
+
+    monkeypatch.setenv("DECONFLOW_DATA", str(tmp_path / "data"))
+    (tmp_path / "home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as inst:
+        yield inst
+
+
 @pytest.fixture(scope="session")
 def postgres_server():
     """The local PostgreSQL server (Debian's package), started once for the session."""

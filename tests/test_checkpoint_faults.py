@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from deconflow.failures import (
 )
 from deconflow.profiles import get_profile
 from deconflow.protocol import FAMILIES
+from deconflow.resources import LocalProcessResource
 from deconflow.sensors.policy import RunInfo, WatchdogSettings, decide
 from deconflow.sweep import Cell
 from deconflow.training.checkpoints import Checkpoints, DiskFullError
@@ -109,19 +109,7 @@ def test_unusable_checkpoint_state_is_class_corrupt_checkpoint(tmp_path) -> None
     out = _crashed(tmp_path)
     (out / "batch_metrics.parquet").write_bytes(b"PAR1 garbage")
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deconflow.training.run",
-            "--key",
-            CELL.key,
-            "--profile",
-            "demo",
-            "--out",
-            str(out),
-            "--overrides",
-            json.dumps({"epochs": 5}),
-        ],
+        LocalProcessResource().command(CELL, "demo", {"epochs": 5}, out),
         capture_output=True,
         text=True,
         timeout=300,
@@ -176,19 +164,8 @@ def test_training_on_a_full_disk_fails_with_the_disk_full_line(tiny_disk) -> Non
     names the disk (not a serializer assertion), and the class is disk_full."""
     out = tiny_disk / "run"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deconflow.training.run",
-            "--key",
-            CELL.key,
-            "--profile",
-            "demo",
-            "--out",
-            str(out),
-            "--overrides",
-            json.dumps({"epochs": 2, "width_mult": 1.0}),  # ~0.7 MB per checkpoint
-        ],
+        # ~0.7 MB per checkpoint
+        LocalProcessResource().command(CELL, "demo", {"epochs": 2, "width_mult": 1.0}, out),
         capture_output=True,
         text=True,
         timeout=300,

@@ -12,7 +12,6 @@ import threading
 import time
 
 import dagster as dg
-import pytest
 
 from deconflow.assets.training import build_training_run
 from deconflow.failures import classify_returncode, failure_line
@@ -23,14 +22,6 @@ from deconflow.sweep import load_grid
 
 GRID = load_grid()
 CELL = GRID.cells[0]
-
-
-@pytest.fixture
-def instance(tmp_path, monkeypatch):
-    monkeypatch.setenv("DECONFLOW_DATA", str(tmp_path / "data"))
-    (tmp_path / "home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as inst:
-        yield inst
 
 
 def _materialize(instance, overrides: dict) -> dg.DagsterRun:

@@ -43,14 +43,6 @@ GRID = load_grid()
 SETTINGS = RefreshSettings(tick_s=15, min_interval_s=30, settle_s=10, max_wait_s=60)
 
 
-@pytest.fixture
-def instance(tmp_path, monkeypatch):
-    monkeypatch.setenv("DECONFLOW_DATA", str(tmp_path / "data"))
-    (tmp_path / "home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as inst:
-        yield inst
-
-
 def land(instance, i: int) -> float:
     """A training partition lands (its materialization event); returns the time."""
     cell = GRID.cells[i]

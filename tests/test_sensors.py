@@ -114,14 +114,6 @@ def test_cursor_is_bounded() -> None:
 # --------------------------------------------------------------------------- ticks on an instance
 
 
-@pytest.fixture
-def instance(tmp_path, monkeypatch):
-    monkeypatch.setenv("DECONFLOW_DATA", str(tmp_path / "data"))
-    (tmp_path / "home").mkdir()
-    with dg.instance_for_test(temp_dir=str(tmp_path / "home")) as inst:
-        yield inst
-
-
 def add_run(instance, cell: str, status: dg.DagsterRunStatus, **tags) -> str:
     key = partition_key(next(c for c in GRID.cells if c.key == cell))
     t = {SWEEP_TAG: SWEEP, CELL_TAG: cell, "dagster/partition": str(key), **tags}

@@ -15,6 +15,7 @@ import pytest
 
 from deconflow.profiles import get_profile
 from deconflow.protocol import FAMILIES
+from deconflow.resources import LocalProcessResource
 from deconflow.sweep import Cell
 from deconflow.training.train import train
 
@@ -72,21 +73,9 @@ def test_checkpoints_keep_best_three_and_latest(demo_run):
 
 
 def _start(out: Path, fault: str) -> subprocess.Popen:
-    overrides = json.dumps({"epochs": 5, "fault": fault, "heartbeat_every_s": 0})
+    overrides = {"epochs": 5, "fault": fault, "heartbeat_every_s": 0}
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deconflow.training.run",
-            "--key",
-            CELL.key,
-            "--profile",
-            "demo",
-            "--out",
-            str(out),
-            "--overrides",
-            overrides,
-        ],
+        LocalProcessResource().command(CELL, "demo", overrides, out),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

@@ -59,18 +59,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def tree_pids(root: int) -> list[int]:
-    """``root`` and all its descendants (from /proc)."""
-    children: dict[int, list[int]] = {}
+def proc_table() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgid) of every process, from /proc/<pid>/stat."""
+    out = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rfind(")") + 2 :].split()[1])
-        except (OSError, ValueError, IndexError):
+            state, ppid, pgid = stat[stat.rfind(")") + 2 :].split()[:3]
+            out.append((int(entry.name), state, int(ppid), int(pgid)))
+        except (OSError, ValueError):
             continue
-        children.setdefault(ppid, []).append(int(entry.name))
+    return out
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for pid, _, ppid, _ in proc_table():
+        children.setdefault(ppid, []).append(pid)
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -91,18 +99,7 @@ def rss_mb(pid: int) -> float:
 
 def _group(pgid: int) -> list[int]:
     """Live (non-zombie) processes of a process group."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            out.append(int(entry.name))
-    return out
+    return [pid for pid, state, _, group in proc_table() if group == pgid and state != "Z"]
 
 
 def cmd_of(pid: int) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import os
 import pwd
 import shutil
@@ -34,8 +35,18 @@ class PgInfo:
 
 
 def default_state_dir() -> Path:
+    """``data/postgres`` of this checkout, unless the server's user (postgres) cannot reach
+    it (a checkout under a private folder, e.g. ``mktemp -d``): then a folder of its own
+    under /var/tmp, named after the checkout."""
     env = os.environ.get("DECONFLOW_PG_DIR")
-    return Path(env).resolve() if env else Path("data").resolve() / "postgres"
+    if env:
+        return Path(env).resolve()
+    here = Path("data").resolve() / "postgres"
+    ancestors = [a for a in here.parents if a.exists()]
+    if all(a.stat().st_mode & 0o001 for a in ancestors):
+        return here
+    tag = hashlib.sha1(str(here).encode()).hexdigest()[:10]
+    return Path("/var/tmp") / f"deconflow-postgres-{tag}"
 
 
 def _bin(name: str) -> str:

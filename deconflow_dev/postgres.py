@@ -23,7 +23,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PORT = int(os.environ.get("DECONFLOW_PG_PORT", "15432"))
+from deconflow_dev import ports
+
+PORT = int(os.environ.get("DECONFLOW_PG_PORT") or ports.port("postgres"))
 DB = "deconflow"
 
 

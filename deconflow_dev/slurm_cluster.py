@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from deconflow_dev import ports
+
 CLUSTER_NAME = "deconflow"
 NODE_NAME = "localhost"
 PARTITION = "gpu"
@@ -40,11 +42,12 @@ def shard_count() -> int:
     return int(os.environ.get("DECONFLOW_SLURM_SHARDS", "8"))
 
 
-# Default SLURM ports are 6817/6818/6819 and MariaDB's is 3306; stay clear of all of them.
-SLURMCTLD_PORT = 16817
-SLURMD_PORT = 16818
-SLURMDBD_PORT = 16819
-MARIADB_PORT = 33306
+# Per-checkout ports (deconflow_dev.ports), clear of SLURM's 6817-6819 and MariaDB's 3306,
+# so two checkouts on one machine run their clusters side by side.
+SLURMCTLD_PORT = ports.port("slurmctld")
+SLURMD_PORT = ports.port("slurmd")
+SLURMDBD_PORT = ports.port("slurmdbd")
+MARIADB_PORT = ports.port("mariadb")
 DB_NAME = "slurm_acct_db"
 DB_USER = "slurm"
 # Only reachable on 127.0.0.1 of a dev/CI box; a secret would buy nothing here.

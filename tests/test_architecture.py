@@ -116,7 +116,8 @@ def test_the_orchestrator_never_imports_torch():
     code = (
         "import importlib, sys\n"
         f"for m in {ORCHESTRATOR_ENTRIES!r}: importlib.import_module(m)\n"
-        "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('deconflow.training'))\n"
+        "bad = sorted(m for m in sys.modules\n"
+        "             if m == 'torch' or m.startswith('deconflow.training'))\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run(

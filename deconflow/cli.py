@@ -192,14 +192,13 @@ def _dev_command(dagster_args: list[str]) -> list[str]:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    import os
-
+    from deconflow.dev_server import supervise
     from deconflow.instance import ensure_dagster_home
 
     home = ensure_dagster_home()
     cmd = _dev_command(args.dagster_args)
     print(f"DAGSTER_HOME={home}\n{' '.join(cmd)}", file=sys.stderr)
-    os.execvp(cmd[0], cmd)
+    return supervise(cmd)
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:

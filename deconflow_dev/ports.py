@@ -8,8 +8,12 @@ meet. ``DECONFLOW_PORT_BASE`` pins the block (e.g. to match firewall rules); the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 BASE_VAR = "DECONFLOW_PORT_BASE"
@@ -38,3 +42,16 @@ def port_base(checkout: Path = CHECKOUT) -> int:
 def port(name: str, checkout: Path = CHECKOUT) -> int:
     """The port of one development service for this checkout."""
     return port_base(checkout) + NAMES.index(name)
+
+
+@contextlib.contextmanager
+def service_lock(name: str) -> Iterator[None]:
+    """Hold this checkout's lock for starting or stopping one service: parallel test workers
+    (pytest-xdist) and benchmarks start the dev cluster and PostgreSQL once, not racing."""
+    path = Path(tempfile.gettempdir()) / f"deconflow-{name}-{port_base()}.lock"
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

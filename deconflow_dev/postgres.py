@@ -106,7 +106,13 @@ def _running(state: Path) -> bool:
 
 
 def up(state_dir: Path | None = None, port: int = PORT) -> PgInfo:
-    """Initialise (once) and start the server, create the database; idempotent."""
+    """Initialise (once) and start the server, create the database; idempotent. Callers in
+    parallel (test workers) wait for one another."""
+    with ports.service_lock("postgres"):
+        return _up(state_dir, port)
+
+
+def _up(state_dir: Path | None, port: int) -> PgInfo:
     pi = info(state_dir, port)
     state, pgdata, sock = pi.state_dir, pi.state_dir / "pgdata", pi.state_dir / "run"
     state.mkdir(parents=True, exist_ok=True)

@@ -723,7 +723,13 @@ STARTERS: dict[str, Callable[[Layout], None]] = {
 
 
 def up(state_dir: Path | None = None) -> ClusterInfo:
-    """Bring the cluster up (installing packages if needed); a no-op when it already runs."""
+    """Bring the cluster up (installing packages if needed); a no-op when it already runs.
+    Callers in parallel (test workers) wait for one another."""
+    with ports.service_lock("slurm"):
+        return _up(state_dir)
+
+
+def _up(state_dir: Path | None) -> ClusterInfo:
     t0 = time.monotonic()
     lay = _layout(state_dir)
     started: list[str] = []
@@ -785,6 +791,11 @@ def _cancel_all_jobs(lay: Layout) -> None:
 
 def down(state_dir: Path | None = None) -> None:
     """Stop every daemon of this state dir (pid files first, then a /proc sweep); idempotent."""
+    with ports.service_lock("slurm"):
+        _down(state_dir)
+
+
+def _down(state_dir: Path | None) -> None:
     lay = _layout(state_dir)
     if _daemon_pid(lay, "slurmctld"):
         _cancel_all_jobs(lay)

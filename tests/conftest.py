@@ -18,6 +18,23 @@ os.environ.setdefault("DECONFLOW_TORCH_THREADS", "1")
 torch.set_num_threads(int(os.environ["DECONFLOW_TORCH_THREADS"]))
 
 
+# Fixtures that start a service: a test using one is slow, and every test on the one shared
+# SLURM cluster runs in one xdist worker (some restart its daemons), one after another.
+SERVICE_FIXTURES = {"postgres_server", "pg_dagster_home", "slurm_cluster", "slurm"}
+SLURM_FIXTURES = {"slurm_cluster", "slurm"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & SERVICE_FIXTURES:
+            item.add_marker(pytest.mark.slow)
+        if used & SLURM_FIXTURES or item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slurm)
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture(scope="module")
 def sweep_env(tmp_path_factory, request):
     """DECONFLOW_DATA and DAGSTER_HOME in a temp folder for the module; restored after."""

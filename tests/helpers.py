@@ -38,3 +38,29 @@ def downstream(defs: dg.Definitions) -> list:
 
 def data_path(*parts: str) -> Path:
     return Path(os.environ["DECONFLOW_DATA"]).joinpath(*parts)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, proc=None, every: float = 0.5):
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout``
+    seconds pass (the test fails naming ``what``); fails at once if ``proc`` has exited."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.returncode}) while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)

@@ -36,6 +36,12 @@ ANALYSIS_KIND = "analysis"  # runs of the analysis assets (never queued behind t
 TRAINING_JOB = "train_cells"  # the job of the training partitions (backfills, retries)
 ANALYSIS_JOB = "analyse_sweep"  # the job of the analysis assets
 
+# --- asset names (the analysis tables share their asset's name) ----------------------------
+TRAINING_ASSET = "training_run"  # partitioned: one materialization per cell
+RUNS_ASSET, RUN_FITS_ASSET = "runs", "run_fits"
+HYPOTHESES_ASSET, COMPLETENESS_ASSET = "hypotheses", "completeness"
+SWEEP_DB_ASSET, EXPORT_ASSET, REPORT_ASSET = "sweep_db", "export", "sweep_report"
+
 # --- files in a run's work folder (and, for RUN_FILES, its published folder) --------------
 SUMMARY = "summary.json"  # written last by a run that ended (completed or diverged)
 LEARNING_CURVE = "learning_curve.png"  # the run's picture, drawn by the training process
@@ -112,6 +118,10 @@ RUN_STATES: dict[str, str] = {
     "SUCCESS": SUCCEEDED,
 }
 IN_PROGRESS_STATES = (QUEUED, RUNNING)
+# The same map, as sets of DagsterRunStatus values for run queries.
+LIVE_STATUSES = frozenset(k for k, v in RUN_STATES.items() if v in IN_PROGRESS_STATES)
+STARTED_STATUSES = frozenset(k for k, v in RUN_STATES.items() if v == RUNNING)  # past the queue
+TERMINAL_STATUSES = frozenset(RUN_STATES) - LIVE_STATUSES
 
 
 def run_state(status) -> str:

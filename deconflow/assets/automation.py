@@ -32,6 +32,7 @@ import dagster as dg
 
 from deconflow.assets import freshness
 from deconflow.protocol import (
+    ANALYSIS_JOB,
     ANALYSIS_KIND,
     IN_PROGRESS_STATES,
     KIND_TAG,
@@ -41,7 +42,7 @@ from deconflow.protocol import (
 from deconflow.sweep import Grid
 
 SENSOR = "analysis_refresh"
-JOB = "analyse_sweep"
+JOB = ANALYSIS_JOB
 _IN_PROGRESS = [dg.DagsterRunStatus(k) for k, v in RUN_STATES.items() if v in IN_PROGRESS_STATES]
 
 

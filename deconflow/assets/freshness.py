@@ -18,10 +18,17 @@ from dataclasses import asdict, dataclass
 
 import dagster as dg
 
-from deconflow.protocol import CELL_TAG, PARTITION_TAG, SWEEP_TAG, cell_of_partition
+from deconflow.protocol import (
+    CELL_TAG,
+    PARTITION_TAG,
+    SWEEP_DB_ASSET,
+    SWEEP_TAG,
+    TRAINING_ASSET,
+    cell_of_partition,
+)
 
-TRAINING = dg.AssetKey("training_run")
-SWEEP_DB = dg.AssetKey("sweep_db")
+TRAINING = dg.AssetKey(TRAINING_ASSET)
+SWEEP_DB = dg.AssetKey(SWEEP_DB_ASSET)
 FRESH_CHECK = "analysis_fresh"
 _ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
 

@@ -17,6 +17,7 @@ from deconflow.protocol import (
     SLURM_JOB_TAG,
     SUMMARY,
     SWEEP_TAG,
+    TRAINING_ASSET,
 )
 from deconflow.resources.compute import ComputeResource
 from deconflow.resources.sweep_settings import SweepSettings
@@ -62,7 +63,7 @@ def _attempt(context, compute: ComputeResource, sweep: SweepSettings, cell, work
 
 def build_training_run(grid: Grid) -> dg.AssetsDefinition:
     @dg.asset(
-        name="training_run",
+        name=TRAINING_ASSET,
         partitions_def=partitions_def(grid),
         group_name="training",
         kinds={"pytorch"},

@@ -18,6 +18,7 @@ from deconflow.protocol import (
     HEARTBEAT,
     PARTITION_TAG,
     SLURM_STATE_TAG,
+    TERMINAL_STATUSES,
     run_state,
 )
 from deconflow.sensors.policy import (
@@ -49,7 +50,7 @@ def ts_of(value) -> float | None:
     return value.timestamp()
 
 
-TERMINAL = frozenset({"SUCCESS", "FAILURE", "CANCELED"})
+TERMINAL = TERMINAL_STATUSES
 REBUILD_S = 600.0  # the in-process index of latest runs is rebuilt from scratch this often
 
 

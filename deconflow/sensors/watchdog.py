@@ -41,9 +41,11 @@ from deconflow.protocol import (
     QUEUED,
     RUN_STATES,
     SLURM_STATE_TAG,
+    STARTED_STATUSES,
     STUCK_TAG,
     SWEEP_TAG,
     TRAIN_LOG,
+    TRAINING_ASSET,
     TRAINING_JOB,
     cell_of_partition,
     partition_key_str,
@@ -73,10 +75,9 @@ from deconflow.settings import work_dir
 from deconflow.sweep import Cell, Grid, GridError, parse_key
 
 _IN_PROGRESS = [dg.DagsterRunStatus(k) for k, v in RUN_STATES.items() if v in IN_PROGRESS_STATES]
-_STARTED = ("STARTING", "STARTED", "CANCELING")  # in flight and past the queue
+_STARTED = STARTED_STATUSES  # in flight and past the queue
 _LIVE = frozenset(s.value for s in _IN_PROGRESS)
 _SUCCESS = dg.DagsterRunStatus.SUCCESS.value
-TRAINING_ASSET = "training_run"
 ANALYSIS_LOOKBACK_S = 86400.0  # on a fresh cursor, analysis failures of the last day alert
 ANALYSIS_BATCH = 200  # failed unpartitioned runs read per tick
 ANALYSIS_OVERLAP_S = 60.0  # the watermark trails the tick by this much

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import slurm_test_lock
+
 # One local SLURM cluster for the whole session, wherever tests point DECONFLOW_DATA.
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DECONFLOW_SLURM_DIR", str(REPO / "data" / "slurm"))
@@ -18,10 +20,12 @@ os.environ.setdefault("DECONFLOW_TORCH_THREADS", "1")
 torch.set_num_threads(int(os.environ["DECONFLOW_TORCH_THREADS"]))
 
 
-# Fixtures that start a service: a test using one is slow, and every test on the one shared
-# SLURM cluster runs in one xdist worker (some restart its daemons), one after another.
+# Fixtures that start a service: a test that uses one is slow.
 SERVICE_FIXTURES = {"postgres_server", "pg_dagster_home", "slurm_cluster", "slurm"}
 SLURM_FIXTURES = {"slurm_cluster", "slurm"}
+# Module-scoped fixtures that cost nothing to set up again (the rest train or start things:
+# their module's tests stay on one xdist worker, so the fixture runs once).
+CHEAP_MODULE_FIXTURES = {"sweep_env", "slurm", "slurm_cluster"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -30,9 +34,29 @@ def pytest_collection_modifyitems(config, items):
         used = set(getattr(item, "fixturenames", ()))
         if used & SERVICE_FIXTURES:
             item.add_marker(pytest.mark.slow)
-        if used & SLURM_FIXTURES or item.get_closest_marker("slurm"):
+        if used & SLURM_FIXTURES:
             item.add_marker(pytest.mark.slurm)
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+        info = getattr(item, "_fixtureinfo", None)
+        defs = info.name2fixturedefs if info else {}
+        costly = [
+            name
+            for name, fd in defs.items()
+            if name not in CHEAP_MODULE_FIXTURES and fd and fd[-1].scope == "module"
+        ]
+        if costly:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.fixture(autouse=True)
+def _share_the_slurm_cluster(request):
+    """Tests on the one dev cluster run side by side (shared lock); a test marked
+    ``slurm_exclusive`` (it stops or restarts daemons) waits for them and runs alone."""
+    if request.node.get_closest_marker("slurm") is None:
+        yield
+        return
+    exclusive = request.node.get_closest_marker("slurm_exclusive") is not None
+    with slurm_test_lock(exclusive):
+        yield
 
 
 @pytest.fixture(scope="module")

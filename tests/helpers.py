@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -64,3 +65,25 @@ def wait_until(predicate, timeout: float, what: str, proc=None, every: float = 0
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
+
+
+@contextlib.contextmanager
+def slurm_test_lock(exclusive: bool):
+    """A readers-writer lock over the dev SLURM cluster between test workers, writer first:
+    a waiting exclusive holder closes the gate to new shared ones, then waits for the rest."""
+    import fcntl
+    import tempfile
+
+    from deconflow_dev import ports
+
+    base = Path(tempfile.gettempdir()) / f"deconflow-slurm-tests-{ports.port_base()}"
+    with open(f"{base}.gate", "a") as gate, open(f"{base}.rw", "a") as rw:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(rw, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(rw, fcntl.LOCK_UN)

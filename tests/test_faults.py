@@ -233,6 +233,7 @@ def test_injected_nan_is_a_result_not_retried(harness) -> None:
 
 
 @cluster_test
+@pytest.mark.slurm_exclusive
 def test_slurmd_restart_with_a_job_on_it(harness, slurm_cluster) -> None:  # noqa: F811
     """slurmd stopped and restarted under a running job: the job survives (slurmstepd keeps
     it), the same run finishes, and no second job or run is needed."""

@@ -135,6 +135,7 @@ def test_scancel_is_accounted_as_cancelled(slurm: cluster.ClusterInfo, tmp_path:
     assert _wait_sacct(slurm, job, "CANCELLED").startswith("CANCELLED")
 
 
+@pytest.mark.slurm_exclusive
 def test_down_then_up_again(slurm: cluster.ClusterInfo, tmp_path: Path) -> None:
     """Runs last: stops everything, checks nothing is left, and brings the cluster back."""
     cluster.down(slurm.state_dir)

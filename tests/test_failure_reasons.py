@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import threading
-import time
 
 import dagster as dg
 
@@ -19,6 +18,7 @@ from deconflow.partitions import partition_key
 from deconflow.protocol import FAILURE_CLASS_TAG, FAILURE_REASON_TAG
 from deconflow.resources import LocalProcessResource, SweepSettings
 from deconflow.sweep import load_grid
+from tests.helpers import wait_until
 
 GRID = load_grid()
 CELL = GRID.cells[0]
@@ -48,17 +48,15 @@ def test_a_crash_is_stored_with_its_exception_line(instance) -> None:
 def test_a_sigkilled_training_is_killed_by_signal(instance, tmp_path) -> None:
     work = tmp_path / "data" / "work" / CELL.key
 
+    def training_pid() -> int | None:
+        try:
+            beat = json.loads((work / "heartbeat.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return int(beat["pid"]) if beat.get("step", 0) >= 3 else None
+
     def kill_when_training() -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                beat = json.loads((work / "heartbeat.json").read_text())
-                if beat["step"] >= 3:
-                    os.kill(int(beat["pid"]), signal.SIGKILL)
-                    return
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.1)
+        os.kill(wait_until(training_pid, 120, "step 3", every=0.1), signal.SIGKILL)
 
     t = threading.Thread(target=kill_when_training, daemon=True)
     t.start()

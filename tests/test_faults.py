@@ -31,6 +31,7 @@ from deconflow.resources.sweep_settings import SweepSettings
 from deconflow.sensors import WatchdogSettings, evaluate_tick
 from deconflow.sweep import load_grid
 from deconflow_dev import slurm_cluster as cluster
+from tests.helpers import wait_until
 from tests.test_slurm_resource import (  # noqa: F401  (slurm_cluster is a fixture)
     CELL,
     _prefix,
@@ -111,9 +112,9 @@ class Harness:
         """Run ``fault()`` in a thread once training has passed ``at_step``."""
 
         def go() -> None:
-            deadline = time.monotonic() + 120
-            while heartbeat_step(self.work) < at_step and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(
+                lambda: heartbeat_step(self.work) >= at_step, 120, f"step {at_step}", every=0.1
+            )
             self.t_fault = time.monotonic()
             fault()
 
@@ -188,10 +189,12 @@ def test_sigstop_is_detected_as_stuck_cancelled_and_resumed(harness) -> None:
 
     def freeze_then_watch() -> None:
         os.kill(h.training_pid(), signal.SIGSTOP)
-        deadline = time.monotonic() + 60
-        while not cancelled and time.monotonic() < deadline:
+
+        def watch() -> bool:
             cancelled.extend(h.tick().cancelled)
-            time.sleep(1)
+            return bool(cancelled)
+
+        wait_until(watch, 60, "the watchdog to cancel the frozen job", every=1)
 
     t = h.inject_when(5, freeze_then_watch)
     assert not h.materialize()
@@ -328,10 +331,7 @@ def test_daemon_restarted_in_the_middle_of_a_backfill(tmp_path) -> None:
         instance.add_backfill(backfill)
         first = start_daemon()
         bf_runs = dg.RunsFilter(tags={BACKFILL_ID_TAG: "restartbf"})
-        deadline = time.monotonic() + 120
-        while not instance.get_runs(bf_runs) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert instance.get_runs(bf_runs), (tmp_path / "daemon-0.log").read_text()[-3000:]
+        wait_until(lambda: instance.get_runs(bf_runs), 120, "the backfill's first runs", first)
         t_kill = time.monotonic()
         os.killpg(first.pid, signal.SIGKILL)
         at_kill = instance.get_runs(bf_runs)
@@ -341,13 +341,13 @@ def test_daemon_restarted_in_the_middle_of_a_backfill(tmp_path) -> None:
         first.wait(10)
         time.sleep(2)
         start_daemon()
-        deadline = time.monotonic() + 300
-        status = None
-        while time.monotonic() < deadline:
-            status = instance.get_backfill("restartbf").status
-            if status != BulkActionStatus.REQUESTED:
-                break
-            time.sleep(1)
+        wait_until(
+            lambda: instance.get_backfill("restartbf").status != BulkActionStatus.REQUESTED,
+            300,
+            "the backfill to end",
+            every=1,
+        )
+        status = instance.get_backfill("restartbf").status
         done = time.monotonic()
         log = (tmp_path / f"daemon-{len(daemons) - 1}.log").read_text()[-3000:]
         assert status == BulkActionStatus.COMPLETED_SUCCESS, (status, log)

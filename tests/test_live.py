@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from deconflow.protocol import (
     SWEEP_TAG,
 )
 from deconflow.sweep import Cell, load_grid
-from tests.helpers import asset, data_path, make_defs
+from tests.helpers import asset, data_path, free_port, make_defs, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = load_grid()
@@ -172,15 +171,9 @@ def test_sensor_definition_runs_on_the_instance(instance):
 # --------------------------------------------------------------- the daemon, end to end
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def dagster_dev(sweep_env):
-    port = _free_port()
+    port = free_port()
     log = open(sweep_env / "dagster_dev.log", "wb")  # noqa: SIM115 - closed below
     env = {**os.environ, "DECONFLOW_PROFILE": "demo"}
     env["DECONFLOW_TRAIN_OVERRIDES"] = json.dumps({"epochs": 4})
@@ -193,18 +186,18 @@ def dagster_dev(sweep_env):
         start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        assert proc.poll() is None, (sweep_env / "dagster_dev.log").read_text()[-3000:]
+
+    def answers() -> bool:
         try:
-            if requests.get(f"{url}/server_info", timeout=2).ok:
-                break
+            return requests.get(f"{url}/server_info", timeout=2).ok
         except requests.ConnectionError:
-            pass
-        time.sleep(1)
-    else:
+            return False
+
+    try:
+        wait_until(answers, 180, f"deconflow dev (log: {log.name})", proc=proc, every=1)
+    except AssertionError:
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("deconflow dev did not come up in 180 s")
+        raise
     yield url
     os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -237,18 +230,15 @@ def test_dagster_dev_puts_a_newly_landed_cell_into_duckdb_within_120s(dagster_de
         )
         assert res.success
         landed = time.time()
-        while time.time() - landed < 150:
-            if cell.key in _fits_in_duckdb():
-                seen[cell.key] = time.time() - landed
-                break
-            time.sleep(2)
-        assert cell.key in seen, f"{cell.key} not in run_fits 150 s after it landed"
+        wait_until(
+            lambda k=cell.key: k in _fits_in_duckdb(), 150, f"{cell.key} in run_fits", every=2
+        )
+        seen[cell.key] = time.time() - landed
         print(f"{cell.key}: in DuckDB run_fits {seen[cell.key]:.0f} s after landing")
     assert max(seen.values()) <= 120, seen
 
-    deadline = time.time() + 120  # let the last analysis run finish (its checks follow)
-    while analysis_runs_in_flight(instance) and time.time() < deadline:
-        time.sleep(2)
+    # let the last analysis run finish (its checks follow)
+    wait_until(lambda: not analysis_runs_in_flight(instance), 120, "the analysis run", every=2)
     runs = instance.get_run_records(dg.RunsFilter(tags={KIND_TAG: ANALYSIS_KIND}))
     assert runs and all(r.dagster_run.tags.get(LAUNCHED_BY_TAG) for r in runs)
     # Never two analyses at once.

@@ -155,5 +155,5 @@ def test_power_iteration_stops_on_the_device_at_a_zero_product() -> None:
     calls.clear()
     ref = _ref_power_iteration(lambda v: hvp(v[None])[0], like, 6, g0)
     calls.clear()
-    new = curvature.power_iteration(hvp, like, 6, g1)
-    assert float(new) == pytest.approx(ref, rel=1e-6)
+    new = curvature.power_iteration_device(hvp, like, 6, g1)
+    assert new.dim() == 0 and float(new) == pytest.approx(ref, rel=1e-6)

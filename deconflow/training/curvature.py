@@ -31,6 +31,16 @@ def power_iteration(
     dim_or_like: torch.Tensor,
     iters: int = 20,
     generator: torch.Generator | None = None,
+) -> float:
+    """:func:`power_iteration_device`, read back as a float."""
+    return float(power_iteration_device(hvp, dim_or_like, iters, generator))
+
+
+def power_iteration_device(
+    hvp: Hvp,
+    dim_or_like: torch.Tensor,
+    iters: int = 20,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Largest-magnitude Hessian eigenvalue by power iteration, read as a Rayleigh quotient
     (a 0-d device tensor; ``hvp`` takes and returns a batch of flat vectors).
@@ -72,6 +82,16 @@ def hutchinson_trace(
     like: torch.Tensor,
     samples: int = 10,
     generator: torch.Generator | None = None,
+) -> float:
+    """:func:`hutchinson_trace_device`, read back as a float."""
+    return float(hutchinson_trace_device(hvp, like, samples, generator))
+
+
+def hutchinson_trace_device(
+    hvp: Hvp,
+    like: torch.Tensor,
+    samples: int = 10,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Hessian trace estimate: mean of v·Hv over Rademacher probes v (E[v vᵀ] = I), all the
     probes in one batched product; a 0-d device tensor."""
@@ -82,7 +102,8 @@ def hutchinson_trace(
 
 
 def model_hvp(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -> Hvp:
-    """Batched V -> H V over the flat concatenation of ``params`` for the scalar loss_fn().
+    """V -> H V over the flat concatenation of ``params`` for the scalar loss_fn(): a batch
+    (n, P) of probes gives (n, P) products, one flat (P,) probe one (P,) product.
 
     The gradient graph is built once (``create_graph=True``) and each call runs one backward
     pass through it for the whole batch of probes (``is_grads_batched``: vmap over the
@@ -96,6 +117,8 @@ def model_hvp(loss_fn: Callable[[], torch.Tensor], params: list[torch.Tensor]) -
     live = [i for i, g in enumerate(grads) if g.requires_grad]
 
     def hvp(v: torch.Tensor) -> torch.Tensor:
+        if v.dim() == 1:
+            return hvp(v[None])[0]
         n = v.shape[0]
         v = v.reshape(n, -1).to(params[0].dtype)
         if not live:  # loss linear in params: the Hessian is zero

@@ -13,7 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from deconflow.training.curvature import hutchinson_trace, model_hvp, power_iteration
+from deconflow.training.curvature import (
+    hutchinson_trace_device,
+    model_hvp,
+    power_iteration_device,
+)
 from deconflow.training.spectra import gradient_variance, psd_tail_ratio, residual_power
 
 
@@ -71,8 +75,8 @@ def curvature_tensors(
     with _eval_mode(model):
         hvp = model_hvp(loss, params)
         like = torch.cat([p.detach().reshape(-1) for p in params])
-        lam = power_iteration(hvp, like, iters=iters, generator=generator)
-        tr = hutchinson_trace(hvp, like, samples=samples, generator=generator)
+        lam = power_iteration_device(hvp, like, iters=iters, generator=generator)
+        tr = hutchinson_trace_device(hvp, like, samples=samples, generator=generator)
     return lam, tr
 
 

@@ -157,3 +157,17 @@ def test_power_iteration_stops_on_the_device_at_a_zero_product() -> None:
     calls.clear()
     new = curvature.power_iteration_device(hvp, like, 6, g1)
     assert new.dim() == 0 and float(new) == pytest.approx(ref, rel=1e-6)
+
+
+def test_the_fault_spec_is_parsed_once_into_a_step_plan(monkeypatch) -> None:
+    from deconflow.training.train import _inject_fault, fault_plan
+
+    monkeypatch.setenv("DECONFLOW_FAULT", "nan@3,crash@5")
+    cfg = get_profile("demo")
+    plan = fault_plan(cfg)
+    assert plan == {3: ["nan"], 5: ["crash"]}
+    monkeypatch.setenv("DECONFLOW_FAULT", "crash@3")  # read at start only
+    assert _inject_fault(cfg, 3, plan) == "nan" and _inject_fault(cfg, 4, plan) is None
+    with pytest.raises(RuntimeError, match="injected crash at step 5"):
+        _inject_fault(cfg, 5, plan)
+    assert fault_plan(cfg.replace(fault="oom@2")) == {2: ["oom"]}  # the config wins

@@ -92,6 +92,7 @@ def test_the_reader_keeps_the_newest_write_of_a_step(tmp_path) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_a_finished_run_folder_has_one_file_per_family_and_no_parts(tmp_path) -> None:
     out = tmp_path / "run"
     train(CELL, get_profile("demo", epochs=2, hessian_every=8), out, log=lambda m: None)
@@ -101,6 +102,7 @@ def test_a_finished_run_folder_has_one_file_per_family_and_no_parts(tmp_path) ->
     assert list(pd.read_parquet(out / "batch_metrics.parquet")["step"]) == list(range(1, 23))
 
 
+@pytest.mark.slow
 def test_best_checkpoints_are_written_only_with_the_latest(tmp_path, monkeypatch) -> None:
     """At most one best-checkpoint write per checkpoint interval (once per epoch here),
     still the best 3 by validation loss plus the latest."""

@@ -78,7 +78,6 @@ def family_parts_dir(family: str) -> str:
     return f"{family}.parts"
 
 
-METRIC_PARTS_GLOB = "*_metrics.parts"
 # what publishing copies
 RUN_FILES = [family_file(f) for f in FAMILIES] + [SUMMARY, TRAIN_LOG, LEARNING_CURVE]
 

@@ -76,6 +76,14 @@ def family_file(family: str) -> str:
 
 
 METRIC_FILE_GLOB = "*_metrics.parquet"
+
+
+def family_parts_dir(family: str) -> str:
+    """While a run trains, each flush appends one ``part-NNNNNN.parquet`` here (O(new rows));
+    the run's end compacts them into ``family_file`` (see deconflow.training.metrics_io)."""
+    return f"{family}.parts"
+
+
 # what publishing copies
 RUN_FILES = [family_file(f) for f in FAMILIES] + [SUMMARY, TRAIN_LOG, LEARNING_CURVE]
 

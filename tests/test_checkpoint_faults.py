@@ -29,6 +29,7 @@ from deconflow.resources import LocalProcessResource
 from deconflow.sensors.policy import RunInfo, WatchdogSettings, decide
 from deconflow.sweep import Cell
 from deconflow.training.checkpoints import Checkpoints, DiskFullError
+from deconflow.training.metrics_io import read_family
 from deconflow.training.train import train
 
 CELL = Cell("base", 0.1, 1e-3, 0)
@@ -36,7 +37,7 @@ CFG = get_profile("demo", epochs=5)  # 55 steps; latest.pt saved at 11, 22, 33, 
 
 
 def _frames(out: Path) -> dict[str, pd.DataFrame]:
-    return {f: pd.read_parquet(out / f"{f}.parquet") for f in FAMILIES}
+    return {f: read_family(out, f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,14 @@ from deconflow.profiles import get_profile
 from deconflow.protocol import FAMILIES
 from deconflow.resources import LocalProcessResource
 from deconflow.sweep import Cell
+from deconflow.training.metrics_io import read_family
 from deconflow.training.train import train
 
 CELL = Cell("base", 0.1, 1e-3, 0)
 
 
 def _frames(out: Path) -> dict[str, pd.DataFrame]:
-    return {f: pd.read_parquet(out / f"{f}.parquet") for f in FAMILIES}
+    return {f: read_family(out, f) for f in FAMILIES}
 
 
 @pytest.fixture(scope="module")

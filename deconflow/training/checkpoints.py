@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from deconflow.atomic import atomic_write_bytes, atomic_write_json
-from deconflow.protocol import BEST_INDEX, LATEST_CHECKPOINT, PREV_CHECKPOINT, family_file
+from deconflow.protocol import BEST_INDEX, LATEST_CHECKPOINT, PREV_CHECKPOINT
 from deconflow.sweep import GridError
 
 _BEST_RE = re.compile(r"^best-(\d+)\.pt$")
@@ -98,6 +99,7 @@ class Checkpoints:
         self.folder = Path(folder)
         self.keep_best = keep_best
         self.log = log or _print
+        self._pending: dict[int, tuple[float, dict]] = {}  # step -> (val loss, state copy)
 
     @property
     def latest_path(self) -> Path:
@@ -202,12 +204,11 @@ class Checkpoints:
     def _rebuild_best(self) -> list[dict]:
         """Entries for the best-*.pt files whose step has a validation loss; others dropped."""
         losses: dict[int, float] = {}
-        val = self.folder.parent / family_file("val_metrics")
-        if val.exists():
-            try:
-                import pandas as pd
+        from deconflow.training.metrics_io import has_family, read_family
 
-                df = pd.read_parquet(val, columns=["step", "val_loss"])
+        if has_family(self.folder.parent, "val_metrics"):
+            try:
+                df = read_family(self.folder.parent, "val_metrics", columns=["step", "val_loss"])
                 losses = dict(
                     zip(df["step"].astype(int), df["val_loss"].astype(float), strict=True)
                 )
@@ -230,27 +231,58 @@ class Checkpoints:
         return entries[: self.keep_best]
 
     def offer_best(self, val_loss: float, step: int, model_state: dict) -> bool:
-        """Keep the model if it is among the best k by validation loss; drop the worst."""
-        if not torch.isfinite(torch.tensor(val_loss)):
+        """Hold the model if it is among the best k by validation loss (not written yet).
+
+        The candidate is a copy of the state on its own device (no host transfer); it is
+        written by :meth:`write_best`, which the training calls with each latest
+        checkpoint, so best checkpoints cost at most one write per checkpoint interval (once
+        per epoch by default), never one per improving validation. At most k are held.
+        """
+        if not math.isfinite(val_loss):
             return False
-        best = [b for b in self.best() if b["step"] != step]
-        if len(best) >= self.keep_best and val_loss >= best[-1]["val_loss"]:
+        best = [b for b in self.best() if b["step"] != step and b["step"] not in self._pending]
+        ranked = self._ranked(best, {**self._pending, step: (val_loss, None)})
+        if step not in {b["step"] for b in ranked[: self.keep_best]}:
             return False
-        name = f"best-{step:07d}.pt"
-        self._write(self.folder / name, model_state)
-        best = sorted(
-            best + [{"step": step, "val_loss": val_loss, "file": name}],
-            key=lambda b: (b["val_loss"], b["step"]),
-        )
-        dropped, best = best[self.keep_best :], best[: self.keep_best]
-        with disk_full_is_one_line(self.folder / BEST_INDEX):
-            atomic_write_json(self.folder / BEST_INDEX, best)
-        for b in dropped:
-            (self.folder / b["file"]).unlink(missing_ok=True)
+        snapshot = {k: v.detach().clone() for k, v in model_state.items()}
+        self._pending[step] = (val_loss, snapshot)
+        kept = {b["step"] for b in ranked[: self.keep_best]}
+        for s in [s for s in self._pending if s not in kept]:
+            del self._pending[s]
         return True
+
+    @staticmethod
+    def _ranked(best: list[dict], pending: dict) -> list[dict]:
+        entries = best + [
+            {"step": s, "val_loss": loss, "file": f"best-{s:07d}.pt"}
+            for s, (loss, _) in pending.items()
+        ]
+        return sorted(entries, key=lambda b: (b["val_loss"], b["step"]))
+
+    def write_best(self) -> int:
+        """Write the held candidates that are still among the best k (each atomically), then
+        ``best.json``, then drop the files that fell out; returns the number written."""
+        if not self._pending:
+            return 0
+        pending, self._pending = self._pending, {}
+        best = [b for b in self.best() if b["step"] not in pending]
+        ranked = self._ranked(best, pending)
+        keep, dropped = ranked[: self.keep_best], ranked[self.keep_best :]
+        written = 0
+        for b in keep:
+            if b["step"] in pending:
+                self._write(self.folder / b["file"], pending[b["step"]][1])
+                written += 1
+        with disk_full_is_one_line(self.folder / BEST_INDEX):
+            atomic_write_json(self.folder / BEST_INDEX, keep)
+        for b in dropped:
+            if b["step"] not in pending:
+                (self.folder / b["file"]).unlink(missing_ok=True)
+        return written
 
     def prune_after(self, step: int) -> None:
         """Forget best checkpoints from beyond ``step`` (their run is being replayed)."""
+        self._pending = {s: c for s, c in self._pending.items() if s <= step}
         best = self.best()
         keep = [b for b in best if b["step"] <= step]
         if keep != best:

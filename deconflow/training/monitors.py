@@ -13,7 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from deconflow.training.curvature import hutchinson_trace, model_hvp, power_iteration
+from deconflow.training.curvature import (
+    hutchinson_trace_device,
+    model_hvp,
+    power_iteration_device,
+)
 from deconflow.training.spectra import gradient_variance, psd_tail_ratio, residual_power
 
 
@@ -41,12 +45,29 @@ def curvature(
     """(lambda_max, Hessian trace) of the cross-entropy on a fixed batch.
 
     ``amp`` is the training's autocast: with bf16 the Hessian-vector products run in bf16
-    too (within 0.3% of fp32 on an H200, same weights and probes; BENCHMARKS.md).
+    too (within 0.3% of fp32 on an H200, same weights and probes; BENCHMARKS.md). The
+    products and the power iteration stay on the device; the two numbers are read back
+    together, once per measurement.
     """
+    lam, tr = curvature_tensors(model, x, y, iters, samples, generator, amp)
+    lam_f, tr_f = torch.stack([lam.float(), tr.float()]).tolist()
+    return lam_f, tr_f
+
+
+def curvature_tensors(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    iters: int,
+    samples: int,
+    generator: torch.Generator,
+    amp=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`curvature` as two 0-d device tensors (no host synchronisation)."""
     params = [p for p in model.parameters() if p.requires_grad]
     amp = amp if amp is not None else contextlib.nullcontext()
 
-    def loss():
+    def loss() -> torch.Tensor:
         with amp:
             logits = model(x)
         return nn.functional.cross_entropy(logits.float(), y)
@@ -54,8 +75,8 @@ def curvature(
     with _eval_mode(model):
         hvp = model_hvp(loss, params)
         like = torch.cat([p.detach().reshape(-1) for p in params])
-        lam = power_iteration(hvp, like, iters=iters, generator=generator)
-        tr = hutchinson_trace(hvp, like, samples=samples, generator=generator)
+        lam = power_iteration_device(hvp, like, iters=iters, generator=generator)
+        tr = hutchinson_trace_device(hvp, like, samples=samples, generator=generator)
     return lam, tr
 
 

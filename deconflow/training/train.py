@@ -27,13 +27,17 @@ from deconflow.protocol import (
     COMPLETED,
     DIVERGED,
     HEARTBEAT,
-    METRIC_FILE_GLOB,
     SUMMARY,
 )
 from deconflow.sweep import Cell
 from deconflow.training import monitors
 from deconflow.training.augment import normalize, random_resized_crop_flip, to_float
-from deconflow.training.checkpoints import CheckpointError, CheckpointMismatch, Checkpoints
+from deconflow.training.checkpoints import (
+    CheckpointError,
+    CheckpointMismatch,
+    Checkpoints,
+    disk_full_is_one_line,
+)
 from deconflow.training.data import load_dataset
 from deconflow.training.metrics_io import MetricLog
 from deconflow.training.model import build_model
@@ -71,21 +75,29 @@ def _fingerprint(cell: Cell, cfg: TrainConfig) -> dict:
     return {"cell": cell.key, **{k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}}
 
 
-def _inject_fault(cfg: TrainConfig, step: int) -> str | None:
-    """Fault injection for reliability tests: ``kind@step`` in cfg.fault or DECONFLOW_FAULT."""
+def fault_plan(cfg: TrainConfig) -> dict[int, list[str]]:
+    """Fault injection for reliability tests: ``kind@step`` in cfg.fault or DECONFLOW_FAULT,
+    parsed once at start into step -> kinds (the step loop only looks its step up)."""
     spec = cfg.fault or os.environ.get("DECONFLOW_FAULT", "")
+    plan: dict[int, list[str]] = {}
     for item in filter(None, spec.split(",")):
         kind, _, at = item.partition("@")
-        if at and int(at) == step:
-            if kind == "oom" and cfg.grad_accum == 1:
-                raise torch.OutOfMemoryError("CUDA out of memory (injected by DECONFLOW_FAULT)")
-            if kind == "crash":
-                raise RuntimeError(f"injected crash at step {step}")
-            if kind == "hang":
-                while True:
-                    time.sleep(3600)
-            if kind == "nan":
-                return "nan"
+        if at:
+            plan.setdefault(int(at), []).append(kind)
+    return plan
+
+
+def _inject_fault(cfg: TrainConfig, step: int, plan: dict[int, list[str]]) -> str | None:
+    for kind in plan.get(step, ()):
+        if kind == "oom" and cfg.grad_accum == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by DECONFLOW_FAULT)")
+        if kind == "crash":
+            raise RuntimeError(f"injected crash at step {step}")
+        if kind == "hang":
+            while True:
+                time.sleep(3600)
+        if kind == "nan":
+            return "nan"
     return None
 
 
@@ -98,12 +110,22 @@ def build_optimizer(cell: Cell, optimizer: str, params: list) -> torch.optim.Opt
 
 
 class BatchOrder:
-    """Batch ``step + 1`` of the run: a per-epoch permutation, then batched augmentation."""
+    """Batch ``step + 1`` of the run: a per-epoch permutation, then batched augmentation.
+
+    The permutation is drawn once per epoch from the CPU generator seeded by (seed, epoch)
+    and copied to the device in one transfer. The augmentation draws come from one device
+    generator made once per run and re-seeded per step with the precomputed (seed, step)
+    seed: a host-side seed set (no allocation, no synchronisation) that keeps the exact
+    random stream, hence the per-step losses, of a fresh generator per step, and makes any
+    step reproducible on its own (resume).
+    """
 
     def __init__(self, data, cfg: TrainConfig, cell: Cell, sched: Schedule, device) -> None:
         self.data, self.cfg, self.cell, self.sched, self.device = data, cfg, cell, sched, device
         self.mean, self.std = data.mean.to(device), data.std.to(device)
         self.perm, self.perm_epoch = None, -1
+        self.aug_gen = torch.Generator(device=device)
+        self.aug_seeds = [_seed(cell.seed, s, 1) for s in range(sched.total_steps + 1)]
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch = step // self.sched.steps_per_epoch
@@ -117,7 +139,7 @@ class BatchOrder:
         idx = self.perm[i0 : i0 + self.sched.batch]
         x = random_resized_crop_flip(
             self.data.x_train[idx],
-            _generator(self.device, self.cell.seed, step, 1),
+            self.aug_gen.manual_seed(self.aug_seeds[step]),
             self.cfg.crop_scale,
             self.cfg.crop_ratio,
         )
@@ -180,7 +202,8 @@ def validate(model, fwd, x_test, y_test, amp, chunk: int = VAL_CHUNK):
 
 
 class StepMetrics:
-    """Per-step loss and accuracy kept on the device; copied to the host once per flush."""
+    """Per-step loss and accuracy kept on the device; read back once per validation point,
+    together with that point's validation numbers (one transfer)."""
 
     def __init__(self, cell: Cell, sched: Schedule, device, start_step: int) -> None:
         self.cell, self.sched = cell, sched
@@ -188,18 +211,32 @@ class StepMetrics:
         self.correct = torch.zeros(sched.total_steps + 1, device=device)
         self.flushed_upto = start_step
         self.diverged_at: int | None = None
+        self.lrs = [
+            lr_at(s, cell.lr, sched.warmup_steps, sched.total_steps)
+            for s in range(sched.total_steps + 1)
+        ]
 
     def record(self, step: int, loss: torch.Tensor, correct: torch.Tensor) -> None:
         self.loss[step] = loss
         self.correct[step] = correct
 
-    def flush(self, upto: int, metrics: MetricLog) -> None:
-        """Append steps up to ``upto`` as batch rows (one sync); stop at a non-finite loss."""
+    def fetch(self, upto: int, extra: list[torch.Tensor] | None = None):
+        """(losses, correct, extra values) of steps after the last flush up to ``upto``, read
+        back in one transfer; ``extra`` are 0-d device tensors read along with them."""
+        a = self.flushed_upto
+        n = max(0, upto - a)
+        parts = [self.loss[a + 1 : a + 1 + n], self.correct[a + 1 : a + 1 + n]]
+        if extra:
+            parts.append(torch.stack([t.float().reshape(()) for t in extra]))
+        host = torch.cat(parts).cpu().numpy().astype(float)
+        return host[:n], host[n : 2 * n], host[2 * n :].tolist()
+
+    def flush(self, upto: int, metrics: MetricLog, fetched=None) -> None:
+        """Append steps up to ``upto`` as batch rows; stop at a non-finite loss."""
         if upto <= self.flushed_upto:
             return
         a, sched, cell = self.flushed_upto, self.sched, self.cell
-        losses = self.loss[a + 1 : upto + 1].cpu().numpy().astype(float)
-        correct = self.correct[a + 1 : upto + 1].cpu().numpy().astype(float)
+        losses, correct, _ = fetched if fetched is not None else self.fetch(upto)
         steps = np.arange(a + 1, upto + 1)
         bad = np.flatnonzero(~np.isfinite(losses))
         if len(bad):
@@ -214,9 +251,7 @@ class StepMetrics:
                 "loss_nats": losses.tolist(),
                 "loss_bits": (losses / LN2).tolist(),
                 "accuracy": (correct / sched.batch).tolist(),
-                "lr": [
-                    lr_at(int(s), cell.lr, sched.warmup_steps, sched.total_steps) for s in steps
-                ],
+                "lr": [self.lrs[s] for s in steps],
                 "weight_decay": [cell.weight_decay] * len(steps),
             },
         )
@@ -232,17 +267,21 @@ class Heartbeat:
     def beat(self, step: int, force: bool = False) -> None:
         now = time.time()
         if force or now - self.last >= self.every_s:
-            atomic_write_json(
-                self.path,
-                {
-                    "step": step,
-                    "epoch": self.sched.epoch(step),
-                    "time": now,
-                    "pid": os.getpid(),
-                    "total_steps": self.sched.total_steps,
-                },
-            )
+            with disk_full_is_one_line(self.path):
+                self._write(step, now)
             self.last = now
+
+    def _write(self, step: int, now: float) -> None:
+        atomic_write_json(
+            self.path,
+            {
+                "step": step,
+                "epoch": self.sched.epoch(step),
+                "time": now,
+                "pid": os.getpid(),
+                "total_steps": self.sched.total_steps,
+            },
+        )
 
 
 def resume_or_start(ckpts, metrics, model, opt, fingerprint, out: Path, device, log=None):
@@ -266,8 +305,7 @@ def resume_or_start(ckpts, metrics, model, opt, fingerprint, out: Path, device, 
 
     state = ckpts.load_resumable(map_location=device, check=check)
     if state is None:
-        for f in out.glob(METRIC_FILE_GLOB):
-            f.unlink()
+        metrics.clear()
         ckpts.prune_after(0)  # best checkpoints of an attempt whose resume state was lost
         return 0, 0.0, 1
     step = state["step"]
@@ -334,14 +372,19 @@ def train(
     n_val = len(metrics.rows["val_metrics"])
     heartbeat.beat(step, force=True)
 
+    faults = fault_plan(cfg)  # parsed once: the step only looks its number up
+    lrs = steps.lrs
     model.train()
     while step < total and steps.diverged_at is None:
         # ---- one optimisation step: batch `step + 1` of the run ----
         x, y = batches.batch(step)
+        lr = lrs[step + 1]  # a host float: eager SGD/AdamW would .item() a tensor lr
         for g in opt.param_groups:
-            g["lr"] = lr_at(step + 1, cell.lr, sched.warmup_steps, total)
-        fault = _inject_fault(cfg, step + 1)
-        opt.zero_grad(set_to_none=True)
+            g["lr"] = lr
+        fault = _inject_fault(cfg, step + 1, faults) if faults else None
+        # Zeroed in place, not freed: the gradient buffers keep their addresses (and the
+        # allocator its blocks); backward then adds into zeros, which is exact.
+        opt.zero_grad(set_to_none=False)
         loss, correct = forward_backward(fwd, x, y, sched, cfg.grad_accum, amp, fault)
         step += 1
         is_val = step in sched.val_steps
@@ -350,7 +393,7 @@ def train(
         steps.record(step, loss, correct)
         heartbeat.beat(step)
 
-        # ---- curvature every `hessian_every` steps ----
+        # ---- curvature every `hessian_every` steps (one read-back per measurement) ----
         if cfg.hessian_every and step % cfg.hessian_every == 0:
             gen = _generator(device, cell.seed, step, 2)
             lam, tr = monitors.curvature(
@@ -366,15 +409,16 @@ def train(
         if not is_val:
             continue
 
-        # ---- validation point (every 0.25 epoch): flush, evaluate, checkpoint ----
-        steps.flush(step, metrics)
-        if steps.diverged_at is not None:
-            break
+        # ---- validation point (every 0.25 epoch): evaluate, one read-back, checkpoint ----
         # Eager forward: a compiled eval-mode graph costs a second compile in every run.
         vloss, vcorrect = validate(model, model, x_test, data.y_test, amp)
         weight_norm = torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in params]))
         n_test = len(x_test)
-        v = torch.stack([vloss / n_test, vcorrect / n_test, grad_norm, weight_norm]).tolist()
+        fetched = steps.fetch(step, [vloss / n_test, vcorrect / n_test, grad_norm, weight_norm])
+        steps.flush(step, metrics, fetched)
+        if steps.diverged_at is not None:
+            break
+        v = fetched[2]
         metrics.add(
             "val_metrics",
             step=step,
@@ -391,6 +435,7 @@ def train(
         if n_val % cfg.checkpoint_every and step != total:
             continue
         metrics.flush()
+        ckpts.write_best()
         ckpts.save_latest(
             {
                 "model": model.state_dict(),
@@ -407,7 +452,8 @@ def train(
     steps.flush(step, metrics)
     diverged_at = steps.diverged_at
     metrics.truncate_after(diverged_at if diverged_at is not None else step)
-    metrics.flush()
+    metrics.compact()  # one file per family, as published
+    ckpts.write_best()
     heartbeat.beat(step, force=True)
     if diverged_at is not None:
         log(f"nan loss: run diverged at step {diverged_at}; metrics up to it are kept")

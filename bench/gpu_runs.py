@@ -59,15 +59,11 @@ def _train_fn():
 
 
 def _family(run_dir: Path, fam: str):
-    import pandas as pd
+    """A run folder's rows of one metric family, finished or still being written."""
+    from deconflow.training.metrics_io import read_family
 
-    p = Path(run_dir) / f"{fam}.parquet"
-    if not p.exists():
-        cands = sorted(Path(run_dir).rglob(f"{fam}*.parquet"))
-        if not cands:
-            return None
-        p = cands[0]
-    return pd.read_parquet(p).sort_values("step").reset_index(drop=True)
+    df = read_family(Path(run_dir), fam)
+    return None if df.empty else df.sort_values("step").reset_index(drop=True)
 
 
 def _latest_checkpoint(run_dir: Path) -> Path | None:

@@ -293,11 +293,16 @@ class SlurmResource(job_option_fields(JobOptions)):
         poller.track(handle.job_id, self.poll_interval_s)
         last: JobState | None = None
         last_error: str | None = None
+        finished = False
         try:
             while True:
-                st = poller.wait_change(handle.job_id, last, timeout=1.0)
-                if st is not None and not st.final and _training_finished(Path(work), handle):
-                    poller.poke()  # the job ends within a second: don't wait out the interval
+                # Once the training has reported its end, look every 0.2 s: its job leaves
+                # the queue within a moment, and the next cell's run is waiting on this one.
+                st = poller.wait_change(handle.job_id, last, timeout=0.2 if finished else 1.0)
+                if st is not None and not st.final:
+                    finished = finished or _training_finished(Path(work), handle)
+                    if finished:
+                        poller.poke()  # don't wait out the poll interval
                 if poller.last_error != last_error:
                     last_error = poller.last_error
                     if last_error:

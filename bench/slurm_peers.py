@@ -169,6 +169,38 @@ def _sacct_end(env: dict, job: str | None) -> float | None:
     return None
 
 
+def summarize(rows: list[dict], args, out: Path, final: bool = False) -> dict:
+    """Medians, minima and each way's cost beyond the bare job of the same repetition."""
+    report: dict = {
+        "reps_done": len({r["rep"] for r in rows}),
+        "epochs": args.epochs,
+        "rows": rows,
+        "ways": {},
+    }
+    base = {r["rep"]: r["total_s"] for r in rows if r["way"] == "bare"}
+    for way in WAYS:
+        mine = [r for r in rows if r["way"] == way and r["ok"]]
+        tot = [r["total_s"] for r in mine]
+        extra = [r["total_s"] - base[r["rep"]] for r in mine if r["rep"] in base]
+        report["ways"][way] = {
+            "n": len(mine),
+            "median_s": statistics.median(tot) if tot else None,
+            "min_s": min(tot) if tot else None,
+            "beyond_bare_median_s": statistics.median(extra) if extra else None,
+            "beyond_bare_min_s": min(extra) if extra else None,
+        }
+    dcf = [r for r in rows if r["way"] == "deconflow" and r["ok"]]
+    parts = [k for k in (dcf[0] if dcf else {}) if k.endswith("_s") and k != "total_s"]
+    report["deconflow_attribution_median_s"] = {
+        k: statistics.median([r[k] for r in dcf if r.get(k) is not None] or [float("nan")])
+        for k in parts
+    }
+    (out / "peers_report.json").write_text(json.dumps(report, indent=2, default=str))
+    if final:
+        print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2, default=str))
+    return report
+
+
 WAYS = {"bare": bare, "submitit": via_submitit, "deconflow": via_deconflow}
 
 
@@ -194,27 +226,8 @@ def main() -> int:
             res.update(way=way, rep=rep)
             rows.append(res)
             print(json.dumps(res, default=str), flush=True)
-    report: dict = {"reps": args.reps, "epochs": args.epochs, "rows": rows, "ways": {}}
-    base = {r["rep"]: r["total_s"] for r in rows if r["way"] == "bare"}
-    for way in WAYS:
-        mine = [r for r in rows if r["way"] == way and r["ok"]]
-        tot = [r["total_s"] for r in mine]
-        extra = [r["total_s"] - base[r["rep"]] for r in mine if r["rep"] in base]
-        report["ways"][way] = {
-            "n": len(mine),
-            "median_s": statistics.median(tot) if tot else None,
-            "min_s": min(tot) if tot else None,
-            "beyond_bare_median_s": statistics.median(extra) if extra else None,
-            "beyond_bare_min_s": min(extra) if extra else None,
-        }
-    dcf = [r for r in rows if r["way"] == "deconflow" and r["ok"]]
-    parts = [k for k in (dcf[0] if dcf else {}) if k.endswith("_s") and k != "total_s"]
-    report["deconflow_attribution_median_s"] = {
-        k: statistics.median([r[k] for r in dcf if r.get(k) is not None] or [float("nan")])
-        for k in parts
-    }
-    (out / "peers_report.json").write_text(json.dumps(report, indent=2, default=str))
-    print(json.dumps({k: v for k, v in report.items() if k != "rows"}, indent=2, default=str))
+        summarize(rows, args, out)  # after each rep: a cut-short run still leaves its report
+    summarize(rows, args, out, final=True)
     return 0
 
 

@@ -154,3 +154,13 @@ def test_the_default_queue_depth(monkeypatch) -> None:
 
 def test_bad_queue_depth_error_type_is_a_value_error() -> None:
     assert issubclass(SlurmConfigError, ValueError)
+
+
+def test_materialize_adds_the_depth_on_slurm_only(monkeypatch) -> None:
+    from deconflow.materialize import _queue_depth
+
+    monkeypatch.setenv(QUEUE_DEPTH_ENV, "3")
+    monkeypatch.setenv("DECONFLOW_COMPUTE", "local")
+    assert _queue_depth(2) == 0
+    monkeypatch.setenv("DECONFLOW_COMPUTE", "slurm")
+    assert _queue_depth(2) == 3

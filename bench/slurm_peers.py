@@ -131,7 +131,7 @@ def _attribute(env: dict, data: Path, t0: float, t_exit: float) -> dict:
 import json, dagster as dg
 with dg.DagsterInstance.get() as inst:
     run = inst.get_runs(limit=1)[0]
-    ev = [(e.timestamp, e.dagster_event_type.value if e.dagster_event_type else None,
+    ev = [(e.timestamp, e.dagster_event_type.name if e.dagster_event_type else None,
            e.user_message or "") for e in inst.all_logs(run.run_id)]
     print(json.dumps({"job": run.tags.get("deconflow/slurm_job_id"), "ev": ev}))
 """

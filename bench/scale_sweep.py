@@ -224,6 +224,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--grid", default=None, help="a grid TOML (default: the 216-cell grid)")
     ap.add_argument(
+        "--settle", type=float, default=90, help="seconds for the analysis after the last cell"
+    )
+    ap.add_argument(
         "--keep-cluster", action="store_true", help="use the running cluster as it is (smoke run)"
     )
     args = ap.parse_args()
@@ -289,10 +292,16 @@ def main() -> int:
 
     import dagster as dg
 
+    from deconflow.instance import training_runs_limit
+
     limits = dg.DagsterInstance.get().get_concurrency_config().run_queue_config
     slot_limit = {t["key"]: t["limit"] for t in limits.tag_concurrency_limits}
-    if slot_limit.get("dagster/partition/variant") != args.slots:
-        raise SystemExit(f"the instance's training slots are {slot_limit}, not {args.slots}")
+    slots, depth = training_runs_limit()
+    if slots != args.slots or slot_limit.get("dagster/partition/variant") != slots + depth:
+        raise SystemExit(
+            f"the instance's training runs limit is {slot_limit}, not {args.slots} slots + {depth}"
+        )
+    print(f"{slots} training slots + SLURM queue depth {depth}", flush=True)
 
     from deconflow.sweep import load_grid
 
@@ -345,12 +354,14 @@ def main() -> int:
         time.sleep(5)
     wall = time.time() - t0
     # Let the analysis catch up with the last landing, then stop everything.
-    time.sleep(90)
+    time.sleep(args.settle)
     orch.sample(instance)
     orch.stop()
     time.sleep(3)
 
     report = collect(instance, env, data, url, grid, orch, t0, wall, restarted_at, restart_gap)
+    report["slots"], report["queue_depth"] = slots, depth
+    report["slots_from_sacct"] = slot_usage(report.pop("_sacct_jobs"), slots)
     report["jobs_live_at_stop"] = len(jobs_before_stop)
     report["restart_stop"] = stop_info
     (out / "scale_report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -385,7 +396,7 @@ def collect(instance, env, data, url, grid, orch, t0, wall, restarted_at, restar
     since = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0 - 5))
     sacct = subprocess.run(
         # Only this benchmark's jobs: submitted since it started.
-        ["sacct", "-n", "-P", "-X", "-o", "JobID,JobName,State,Submit,Start", "-S", since],
+        ["sacct", "-n", "-P", "-X", "-o", "JobID,JobName,State,Submit,Start,End", "-S", since],
         env=env,
         capture_output=True,
         text=True,
@@ -477,6 +488,7 @@ def collect(instance, env, data, url, grid, orch, t0, wall, restarted_at, restar
         and counts.get("batch_metrics") == len(grid.cells)
     )
     return {
+        "_sacct_jobs": jobs,
         "wall_s": wall,
         "restart_at_s": restarted_at,
         "restart_gap_s": restart_gap,
@@ -493,6 +505,48 @@ def collect(instance, env, data, url, grid, orch, t0, wall, restarted_at, restar
         "events": events,
         "events_per_cell": events / len(grid.cells),
         "proof": proof,
+    }
+
+
+def _ts(text: str) -> float | None:
+    try:
+        return time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return None
+
+
+def slot_usage(jobs: list[list[str]], slots: int) -> dict:
+    """Slot gaps and busy share from sacct's start/end per job (whole seconds).
+
+    Jobs are laid on ``slots`` lanes in start order, each on the lane that freed first (what
+    the scheduler does with identical slots). A gap is one job's end to the next job's start
+    on the same lane; every gap counts, since the grid has cells waiting until the last job
+    starts. Busy: job time over ``slots`` x (first start -> last end)."""
+    spans = sorted(
+        (st, en)
+        for st, en in ((_ts(j[4]), _ts(j[5])) for j in jobs if len(j) > 5)
+        if st is not None and en is not None and en >= st
+    )
+    if not spans:
+        return {}
+    lanes = [spans[0][0]] * slots  # when each lane frees
+    first = [True] * slots
+    gaps = []
+    for st, en in spans:
+        i = min(range(slots), key=lambda k: lanes[k])
+        if not first[i]:
+            gaps.append(max(0.0, st - lanes[i]))
+        first[i] = False
+        lanes[i] = max(lanes[i], en)
+    window = max(en for _, en in spans) - spans[0][0]
+    busy = sum(en - st for st, en in spans) / (slots * window) if window > 0 else 0.0
+    return {
+        "jobs": len(spans),
+        "gap_s": _stats(gaps),
+        "gaps": gaps,
+        "second_slot_first_start_s": spans[1][0] - spans[0][0] if len(spans) > 1 else None,
+        "job_s_median": statistics.median(en - st for st, en in spans),
+        "busy": busy,
     }
 
 

@@ -11,6 +11,10 @@ Concurrency is sized by configuration, never a silent cap:
   of the cluster (e.g. 16 for 8 GPUs x 2 runs). Training runs are the runs of one
   ``training_run`` partition; they carry Dagster's ``dagster/partition/variant`` tag, which the
   run queue limits. Analysis runs carry no such tag and never wait behind training runs.
+- ``DECONFLOW_SLURM_QUEUE_DEPTH`` (SLURM only; default: the training slots, at most 16):
+  training runs allowed in flight beyond the slots. Their jobs wait PENDING in SLURM's queue,
+  so SLURM starts the next cell the moment a slot frees (:mod:`deconflow.slurm.queue`). The
+  local-process resource keeps exactly its slots.
 - ``DECONFLOW_ANALYSIS_SLOTS`` (default 2): other runs at once (analysis, export).
 - The ``duckdb`` pool (the single DuckDB writer) is set to 1 slot; any other pool a user adds
   is unlimited until they set it (``dagster instance concurrency set <pool> <n>``).
@@ -52,9 +56,21 @@ def pg_url_for_dagster() -> str:
     return f"postgresql+psycopg2://{rest}"
 
 
+def training_runs_limit() -> tuple[int, int]:
+    """(training slots, queue depth): the run queue lets ``slots + depth`` training runs be in
+    flight. The depth is 0 unless the compute is SLURM, whose job queue does the waiting."""
+    slots = _int_env("DECONFLOW_TRAINING_SLOTS", 2)
+    if os.environ.get("DECONFLOW_COMPUTE", "local") != "slurm":
+        return slots, 0
+    from deconflow.slurm.queue import slurm_queue_depth
+
+    return slots, slurm_queue_depth(slots)
+
+
 def render_dagster_yaml() -> str:
     """The instance settings for the current environment (see the module docstring)."""
-    training = _int_env("DECONFLOW_TRAINING_SLOTS", 2)
+    slots, depth = training_runs_limit()
+    training = slots + depth
     analysis = _int_env("DECONFLOW_ANALYSIS_SLOTS", 2)
     storage = ""
     if os.environ.get("DECONFLOW_PG_URL"):
@@ -62,7 +78,8 @@ def render_dagster_yaml() -> str:
     return f"""{GENERATED}
 {storage}concurrency:
   runs:
-    # Training runs (GPU slots) and everything else are limited separately.
+    # Training runs (GPU slots + SLURM queue depth: {slots} + {depth}) and everything else
+    # are limited separately.
     max_concurrent_runs: {training + analysis}
     tag_concurrency_limits:
       - key: "{TRAINING_TAG_KEY}"

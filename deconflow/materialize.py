@@ -264,6 +264,16 @@ def _run_all(
     return bool(intr.count)
 
 
+def _queue_depth(workers: int) -> int:
+    """Runs beyond ``workers`` whose SLURM jobs wait in SLURM's queue (0 for local compute):
+    SLURM, not this command, then starts the next cell the moment a slot frees."""
+    if os.environ.get("DECONFLOW_COMPUTE", "local") != "slurm":
+        return 0
+    from deconflow.slurm.queue import slurm_queue_depth
+
+    return slurm_queue_depth(workers)
+
+
 def materialize_cells(
     cells: list[Cell], workers: int = 2, launched_by: str = "deconflow materialize"
 ) -> list[str]:
@@ -276,6 +286,10 @@ def materialize_cells(
 
     with dg.DagsterInstance.get():
         pass  # create/migrate the instance's storage once, before workers open it
+    depth = _queue_depth(workers)
+    pool = min(len(cells), workers + depth)
+    if pool > workers:
+        print(f"SLURM queue depth {depth}: up to {pool - workers} more job(s) wait in its queue")
     t0 = time.monotonic()
     failed: list[str] = []
     with tqdm(total=len(cells), unit="run", file=sys.stdout, dynamic_ncols=True) as bar:
@@ -293,7 +307,7 @@ def materialize_cells(
             print(f"deconflow: {args[0]}: worker failed: {e}", file=sys.stderr)
 
         tasks = [(_materialize_cell, (c.key, launched_by)) for c in cells]
-        interrupted = _run_all(tasks, workers, done, error)
+        interrupted = _run_all(tasks, pool, done, error)
     if interrupted:
         raise KeyboardInterrupt
     print(

@@ -37,8 +37,9 @@ import os
 import re
 import tempfile
 import time
+import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ from deconflow.resources.compute import (
 from deconflow.slurm import commands
 from deconflow.slurm.commands import SlurmError, flock
 from deconflow.slurm.poller import JobState, SlurmPoller, get_poller
+from deconflow.slurm.queue import slurm_queue_depth
 from deconflow.slurm.script import (
     USR1_EXIT,
     JobOptions,
@@ -97,28 +99,27 @@ class SlurmJob:
     submitted_at: float = field(default_factory=time.time)
 
 
-class SlurmResource(ComputeResource):
-    """Runs each training cell as one SLURM batch job (see the module docstring)."""
+def job_option_fields(options: type = JobOptions) -> type[ComputeResource]:
+    """A compute-resource base class with one config field per field of ``options`` (same
+    name, type and default): :class:`JobOptions` is the one list of SLURM job fields, and a
+    field added there is a setting of :class:`SlurmResource` (and of ``slurm.toml``)."""
+    hints = typing.get_type_hints(options)
+    annotations: dict[str, Any] = {}
+    namespace: dict[str, Any] = {"__module__": __name__, "__annotations__": annotations}
+    for f in fields(options):
+        annotations[f.name] = hints[f.name]
+        namespace[f.name] = f.default if f.default is not MISSING else f.default_factory()
+    namespace["__doc__"] = f"The fields of {options.__name__}, as resource config."
+    return type(f"{options.__name__}Fields", (ComputeResource,), namespace)
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gpus_per_job: int = 1
-    # >1 packs runs on a GPU through GPU sharing: --gres=<gpu_sharing>:<units per run>.
-    workers_per_gpu: int = 1
-    gpu_sharing: str = "shard"  # shard | mps
-    # Sharing units one GPU has in the cluster's gres.conf (our local cluster: 2 shards per GPU;
-    # MPS clusters usually give each GPU 100).
-    shares_per_gpu: int = 2
-    cpus_per_task: int | None = None
-    mem: str | None = None  # e.g. "4G"
-    time_limit: str | None = None  # e.g. "01:00:00"
-    # USR1 this long before the time limit so the run exits with its checkpoint; 0: none.
-    signal_before_s: int = 120
-    extra_sbatch_lines: list[str] = []  # e.g. ["--constraint=rtx8000"]
-    # Verbatim shell before the training command (module load, venv, container exec): the
-    # user's own code by design, NOT validated.
-    setup_lines: list[str] = []
+
+class SlurmResource(job_option_fields(JobOptions)):
+    """Runs each training cell as one SLURM batch job (see the module docstring).
+
+    The sbatch fields (partition, account, gres, memory, time limit, setup lines...) are
+    :class:`~deconflow.slurm.script.JobOptions`' fields; the rest is how the job is watched.
+    """
+
     poll_interval_s: float = 5.0
     slurm_conf: str | None = None  # SLURM_CONF for the client commands; default: environment
     job_name_prefix: str = "dcf"
@@ -136,6 +137,7 @@ class SlurmResource(ComputeResource):
         """Reject any config value that could break out of the script or a command line."""
         check_name("job_name_prefix", self.job_name_prefix)
         self.options().check()
+        slurm_queue_depth(1)  # a bad DECONFLOW_SLURM_QUEUE_DEPTH: refused before any submit
         if self.poll_interval_s <= 0:
             raise SlurmConfigError(
                 f"SlurmResource.poll_interval_s must be > 0: {self.poll_interval_s}"
@@ -291,11 +293,16 @@ class SlurmResource(ComputeResource):
         poller.track(handle.job_id, self.poll_interval_s)
         last: JobState | None = None
         last_error: str | None = None
+        finished = False
         try:
             while True:
-                st = poller.wait_change(handle.job_id, last, timeout=1.0)
-                if st is not None and not st.final and _training_finished(Path(work), handle):
-                    poller.poke()  # the job ends within a second: don't wait out the interval
+                # Once the training has reported its end, look every 0.2 s: its job leaves
+                # the queue within a moment, and the next cell's run is waiting on this one.
+                st = poller.wait_change(handle.job_id, last, timeout=0.2 if finished else 1.0)
+                if st is not None and not st.final:
+                    finished = finished or _training_finished(Path(work), handle)
+                    if finished:
+                        poller.poke()  # don't wait out the poll interval
                 if poller.last_error != last_error:
                     last_error = poller.last_error
                     if last_error:

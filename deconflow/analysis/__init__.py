@@ -4,10 +4,13 @@ SPEC section 4. No Dagster, no torch, no I/O: the assets and the warehouse call 
 from deconflow.analysis.fits import (
     BURN_IN_CE,
     FIT_KEYS,
+    MIN_ALPHA_FULL_POINTS,
     PLAN_ALPHA_EARLY,
+    SMOOTH_EPOCHS,
     EpochMeans,
     PowerLawFit,
     alpha_early,
+    alpha_early_epochs,
     alpha_full,
     best_val,
     burn_in,
@@ -19,7 +22,9 @@ from deconflow.analysis.fits import (
     linear_slope,
     noise_variance,
     per_epoch_mean,
-    r2_noise_ceiling,
+    r2_noise_limited,
+    smoothed,
+    smoothing_window,
 )
 from deconflow.analysis.hypotheses import (
     DEFAULT_H1_RULE,
@@ -30,6 +35,9 @@ from deconflow.analysis.hypotheses import (
     h1_table,
     h2_table,
     hypotheses_table,
+    stratified_correlation,
+    verdict,
+    verdict_table,
     wilson_interval,
 )
 
@@ -59,6 +67,14 @@ __all__ = [
     "linear_slope",
     "noise_variance",
     "per_epoch_mean",
-    "r2_noise_ceiling",
+    "r2_noise_limited",
+    "smoothed",
+    "smoothing_window",
+    "alpha_early_epochs",
+    "MIN_ALPHA_FULL_POINTS",
+    "SMOOTH_EPOCHS",
     "wilson_interval",
+    "stratified_correlation",
+    "verdict",
+    "verdict_table",
 ]

@@ -50,6 +50,7 @@ MIN_STRATUM_N = 4  # a stratum needs n - 3 > 0 to carry Fisher-z weight
 N_BOOT = 2000
 SPEARMAN_VAR = 1.06  # Fieller, Hartley & Pearson (1957): var(atanh r_s) ~ 1.06 / (n - 3)
 R_CLIP = 1.0 - 1e-12  # atanh(+-1) is infinite
+ZERO_WIDTH = 1e-9  # a bootstrap CI narrower than this is degenerate (a perfect line)
 
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
 PRIMARY, SECONDARY, EXPLORATORY = "primary", "secondary", "exploratory"
@@ -456,6 +457,9 @@ def _h2_primary(kept: pd.DataFrame, threshold: float, n_boot: int, seed: int, mi
         low = high = NAN
     elif not res["boot_defined"] >= 0.95:
         notes.append("degenerate bootstrap (constant resamples): no CI")
+    elif not high - low > ZERO_WIDTH:
+        notes.append(f"degenerate bootstrap: zero-width CI [{low:.3g}, {high:.3g}]")
+        low = high = NAN
     v = verdict(low, high, threshold)
     return _row(
         "H2",
@@ -534,12 +538,13 @@ def _strip(rows: list[dict]) -> list[dict]:
 
 
 def _h2_exploratory_scopes(df: pd.DataFrame) -> Iterator[tuple[str, pd.Index, bool]]:
-    """(scope, rows, partial on lr?): pooled, each lr, each variant x lr with runs."""
+    """(scope, rows, partial on lr?): pooled (mixes variants: exploratory only), each lr,
+    each variant x lr that has runs."""
     lrs = _lrs(df)
     lr = pd.Series(_floats(df["lr"]), index=df.index) if lrs else None
-    yield "pooled (exploratory: mixes variants)", df.index, bool(lrs)
+    yield "pooled", df.index, bool(lrs)
     for value in lrs:
-        yield f"{_lr_scope(value)} (pooled over variants)", df.index[lr == value], False
+        yield _lr_scope(value), df.index[lr == value], False
     for variant in _variants(df):
         for value in lrs:
             rows = df.index[(df["variant"] == variant) & (lr == value)]
@@ -589,6 +594,15 @@ def h2_table(
             )
     _apply_holm(secondary, "variants")
     rows += secondary
+    if _lrs(df):  # within each variant, lr partialled out: exploratory
+        for variant in _variants(df):
+            pcorr = corr_of(df.index[df["variant"] == variant], partial=True)
+            for method in H2_METHODS:
+                rows.append(
+                    _h2_corr_row(
+                        EXPLORATORY, _variant_scope(variant), method, pcorr, threshold, min_n, True
+                    )
+                )
     for scope, index, with_partial in _h2_exploratory_scopes(df):
         corr = corr_of(index)
         for method in H2_METHODS:
@@ -659,6 +673,8 @@ def h1_table(
         )
 
     column = H1_RULES[rule]
+    if column not in fits:  # e.g. a table from before the column existed: no R² to count
+        fits = fits.assign(**{column: NAN})
     kept, excluded = kept_for(column)
     args = (threshold_r2, threshold_frac, min_n)
     rows = [_h1_row(PRIMARY, "all runs", rule, _floats(kept[column]), *args)]

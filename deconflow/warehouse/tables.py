@@ -83,7 +83,8 @@ FIT_COLUMN_DOCS: dict[str, tuple[str, str]] = {
     "noise_var": (
         "Float64",
         "batch-to-batch noise variance of log L after burn-in, from second differences: "
-        "sum((y[i-1] - 2 y[i] + y[i+1])²) / (6 (n - 2))",
+        "sum((y[i-1] - 2 y[i] + y[i+1])²) / (6 m) over the m triples of consecutive steps "
+        "(a dropped batch never makes a difference across a gap)",
     ),
     "r_squared_epoch_mean": (
         "Float64",

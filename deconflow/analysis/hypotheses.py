@@ -733,3 +733,37 @@ def verdict_table(hypotheses_df: pd.DataFrame, max_rows: int = 14) -> pd.DataFra
     out["_t"] = out["tier"].map(TIER_ORDER)
     out = out.sort_values(["_t", "hypothesis", "scope"], kind="stable").drop(columns="_t")
     return out.head(max_rows).reset_index(drop=True)
+
+
+def format_verdicts(short: pd.DataFrame) -> str:
+    """`verdict_table` as aligned text, one line per row (the demo and `deconflow status`):
+    value and CI to 3 decimals, the threshold with its direction."""
+    if not len(short):
+        return "(no hypothesis rows yet)"
+
+    def num(v) -> str:
+        v = pd.to_numeric(v, errors="coerce")
+        return "-" if pd.isna(v) else f"{float(v):.3f}"
+
+    out = pd.DataFrame(
+        {
+            "H": short["hypothesis"],
+            "tier": short["tier"],
+            "scope": short["scope"],
+            "method": short["method"].str.replace(
+                H2_PRIMARY_METHOD, "pearson, Fisher-z combined", regex=False
+            ),
+            "value": [num(v) for v in short["value"]],
+            "95% CI": [
+                f"[{num(lo)}, {num(hi)}]"
+                for lo, hi in zip(short["ci_low"], short["ci_high"], strict=True)
+            ],
+            "threshold": [
+                f"{'>' if h == 'H1' else '>='} {float(t):g}"
+                for h, t in zip(short["hypothesis"], short["threshold"], strict=True)
+            ],
+            "n": short["n"],
+            "verdict": short["verdict"],
+        }
+    )
+    return out.to_string(index=False)

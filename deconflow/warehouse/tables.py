@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
-from deconflow.analysis.fits import fit_run
+from deconflow.analysis.fits import fit_arrays
 from deconflow.profiles import PLAN_EPOCHS, get_profile, scaled_windows
 from deconflow.protocol import (
     DIVERGED,
@@ -126,6 +128,12 @@ def _analysis_config(summary: dict) -> tuple[tuple[int, int], float | None]:
     return tuple(cfg.alpha_early_epochs), float(cfg.epochs)
 
 
+def _read_columns(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
+    """Columns of a Parquet file as float arrays, straight from Arrow (no DataFrame)."""
+    table = pq.read_table(path, columns=columns)
+    return {c: table.column(c).to_numpy().astype(float, copy=False) for c in columns}
+
+
 def run_fits(runs: dict[str, Path]) -> pd.DataFrame:
     """One row of SPEC section 4 numbers per published run (typed: see FIT_COLUMN_DOCS)."""
     rows = []
@@ -133,13 +141,14 @@ def run_fits(runs: dict[str, Path]) -> pd.DataFrame:
         cell = parse_key(key)
         s = read_summary(d)
         window, horizon = _analysis_config(s)
-        batch = pd.read_parquet(
-            d / family_file("batch_metrics"), columns=["step", "epoch", "loss_nats"]
-        )
-        val = pd.read_parquet(d / family_file("val_metrics"), columns=["epoch", "val_loss"])
-        fit = fit_run(
-            batch.rename(columns={"loss_nats": "loss"}),
-            val,
+        b = _read_columns(d / family_file("batch_metrics"), ["step", "epoch", "loss_nats"])
+        v = _read_columns(d / family_file("val_metrics"), ["epoch", "val_loss"])
+        fit = fit_arrays(
+            b["step"],
+            b["epoch"],
+            b["loss_nats"],
+            v["epoch"],
+            v["val_loss"],
             max_epoch=horizon,
             alpha_early_epochs=window,
         )

@@ -417,3 +417,15 @@ def test_export_rewrites_only_the_time_series_whose_run_changed(faulty, tmp_path
     rewritten = pd.read_parquet(series[CLEAN.key])
     assert np.allclose(rewritten["loss_nats"].to_numpy(), batch["loss_nats"].to_numpy())
     assert all(series[k].stat().st_mtime_ns == before[k] for k in published if k != CLEAN.key)
+
+
+def test_status_shows_the_short_verdict_table(clean):
+    from deconflow.status import verdict_summary
+
+    root, _, _ = clean
+    text = verdict_summary(root / "deconflow.duckdb")
+    lines = text.splitlines()
+    assert lines[0].startswith("hypotheses (primary first")
+    assert lines[2].startswith("H1   primary") and lines[3].startswith("H2   primary")
+    assert len(lines) <= 16 and "nan" not in text.lower()
+    assert "no database yet" in verdict_summary(root / "missing.duckdb")

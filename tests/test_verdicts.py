@@ -224,3 +224,17 @@ def test_dropped_losses_are_counted_and_short_alpha_full_is_flagged():
     assert not fit["alpha_full_few_points"] and np.isfinite(fit["alpha_full"])
     short = _fit(np.where(STEP < 4700, 1.5, 0.8)[: SPE * EPOCHS])  # burns in at epoch 47
     assert short["alpha_full_few_points"] and np.isnan(short["alpha_full"])
+
+
+def test_demo_printout_fits_in_16_lines_without_nan_rows():
+    from deconflow.analysis.hypotheses import format_verdicts
+
+    fits = _simpson()
+    fits.loc[fits["variant"] == "narrow", "alpha_early"] = np.nan  # an arm with no H2 value
+    results, _ = hypotheses_table(fits, n_boot=200)
+    text = format_verdicts(verdict_table(results))
+    lines = text.splitlines()
+    assert len(lines) + 2 <= 16  # the "== hypotheses ==" header and the exclusions line
+    assert "nan" not in text.lower() and "<NA>" not in text
+    assert lines[1].startswith("H1") and "primary" in lines[1]
+    assert lines[2].startswith("H2") and "primary" in lines[2]

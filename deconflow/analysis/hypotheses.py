@@ -718,7 +718,9 @@ def hypotheses_table(
 
 def verdict_table(hypotheses_df: pd.DataFrame, max_rows: int = 14) -> pd.DataFrame:
     """The short table a researcher reads: primary rows first, then per-variant secondary
-    rows of each hypothesis's primary method family; no row without a value.
+    rows of each hypothesis's primary method family. Secondary rows without a value are
+    left out; a primary row always shows (with too few runs it is INCONCLUSIVE, value
+    missing), since hiding the answer would be worse than a blank.
 
     Pure: the demo, `deconflow status`, the asset's metadata and the report all show it.
     """
@@ -726,7 +728,8 @@ def verdict_table(hypotheses_df: pd.DataFrame, max_rows: int = 14) -> pd.DataFra
     if not len(df):
         return pd.DataFrame(columns=VERDICT_COLUMNS)
     value = pd.to_numeric(df["value"], errors="coerce")
-    keep = df["tier"].isin([PRIMARY, SECONDARY]) & value.notna()
+    # a primary row always shows (its INCONCLUSIVE is the answer); others need a value
+    keep = (df["tier"] == PRIMARY) | ((df["tier"] == SECONDARY) & value.notna())
     # secondary H2: the Pearson rows (the primary's method); Spearman stays in DuckDB
     keep &= ~((df["hypothesis"] == "H2") & (df["tier"] == SECONDARY) & (df["method"] != "pearson"))
     out = df.loc[keep, VERDICT_COLUMNS].copy()

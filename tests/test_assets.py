@@ -248,8 +248,20 @@ def test_checks_report_completeness_and_quality(sweep):
     assert CRASHED.key in comp.metadata["failed_cells"].value
     assert CRASHED.key in comp.description
     qg = evals["quality_gates"]
-    assert qg.metadata["verdict"].value == "GO", qg.description
+    # The demo's real BN runs can blow up in validation early (BatchNorm statistics lag
+    # the weights): a NO-GO as visible as a late knee, naming its arms (issue 19). No
+    # other gate may fail on these runs.
+    failing = {
+        k for k, v in qg.metadata.items() if isinstance(v.value, str) and v.value.startswith("FAIL")
+    }
+    assert failing <= {"validation blow-ups early in training"}, qg.description
+    if failing:
+        assert qg.metadata["verdict"].value == "NO-GO"
+        assert qg.description.startswith("NO-GO in arms "), qg.description
+    else:
+        assert qg.metadata["verdict"].value == "GO", qg.description
     assert isinstance(qg.metadata["gates"], dg.TableMetadataValue)
+    assert isinstance(qg.metadata["gates_by_variant"], dg.TableMetadataValue)
     fresh = evals["analysis_fresh"]
     assert fresh.passed and "up to date" in fresh.description
 

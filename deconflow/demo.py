@@ -76,14 +76,11 @@ def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
                 print(f"  gate {key}: {value}")
 
     print("\n== hypotheses ==")
-    hyp = run_sql(
-        "SELECT hypothesis, scope, method, round(value, 3) AS value, "
-        "round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high, threshold, n, passed "
-        "FROM hypotheses ORDER BY hypothesis, scope = 'pooled' DESC, scope, method"
-    )
-    print(hyp.to_string(index=False))
+    from deconflow.analysis.hypotheses import format_verdicts, verdict_table
+
+    print(format_verdicts(verdict_table(run_sql("SELECT * FROM hypotheses"))))
     excl = run_sql("SELECT count(*) AS n FROM hypotheses_excluded").iloc[0, 0]
-    print(f"({excl} exclusions; see the hypotheses_excluded table)")
+    print(f"({excl} exclusions; every row, with notes, in the hypotheses table)")
 
     print("\n== try these queries ==")
     for title, sql in EXAMPLE_QUERIES:

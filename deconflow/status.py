@@ -77,3 +77,21 @@ def run_sql(query: str, path: Path | None = None) -> pd.DataFrame:
         return readable_columns(con.execute(query).df())
     finally:
         con.close()
+
+
+def verdict_summary(path: Path | None = None) -> str:
+    """The short verdict table (primary rows first, then per variant) of the published
+    `hypotheses` table, as text for `deconflow status`; a hint when nothing is published."""
+    from deconflow.analysis.hypotheses import format_verdicts, verdict_table
+
+    try:
+        hyp = run_sql("SELECT * FROM hypotheses", path)
+    except NoDatabase:
+        return "hypotheses: no database yet (run the analysis)"
+    except Exception as e:  # an old database without the verdict columns
+        return f"hypotheses: unreadable ({str(e).splitlines()[0]})"
+    if "verdict" not in hyp.columns:
+        return "hypotheses: published before verdicts existed; materialize the analysis again"
+    return "hypotheses (primary first; full table: deconflow sql 'SELECT * FROM hypotheses')\n" + (
+        format_verdicts(verdict_table(hyp))
+    )

@@ -20,7 +20,7 @@ from deconflow.analysis import (
     hypotheses_table,
     linear_slope,
     noise_variance,
-    r2_noise_ceiling,
+    r2_noise_limited,
     wilson_interval,
 )
 from deconflow.analysis.hypotheses import REASON_NO_BURN_IN, h1_table, h2_table
@@ -72,10 +72,10 @@ def test_noise_variance_by_hand():
 
 def test_noise_ceiling_by_hand():
     y = np.array([0.0, 1.0, 0.0, 1.0, 0.0])  # Var (divisor n) = 0.24
-    ceiling, sigma2 = r2_noise_ceiling(y)
+    ceiling, sigma2 = r2_noise_limited(y)
     assert sigma2 == pytest.approx(2 / 3)
     assert ceiling == 0.0  # 1 - (2/3)/0.24 < 0: clipped, all of the variance is scatter
-    ceiling, sigma2 = r2_noise_ceiling(np.linspace(1.0, 0.0, 20))
+    ceiling, sigma2 = r2_noise_limited(np.linspace(1.0, 0.0, 20))
     assert ceiling == pytest.approx(1.0) and sigma2 == pytest.approx(0.0, abs=1e-24)
 
 
@@ -83,26 +83,30 @@ def test_noisy_power_law_recovers_exponent_noise_and_ceiling():
     batch, eps = _noisy_power_law()
     out = fit_run(batch, _val(51))
     assert set(out) == set(FIT_KEYS)
-    assert out["burn_in_step"] == 100 and out["knee_epoch"] == pytest.approx(1.0)
-    assert out["burn_in_loss"] == pytest.approx(0.8)
-    assert out["n_points"] == 5000
+    # the smoothed knee (centred mean over one epoch, 101 batches) crosses 1.0 once the
+    # window holds at most 4 of the 5.0-plateau batches: step 143, not the first batch (100)
+    k = int(out["burn_in_step"])
+    assert k == 143 and out["knee_epoch"] == pytest.approx(1.43)
+    assert out["burn_in_loss"] <= 1.0
+    assert out["n_points"] == 5100 - k and out["n_dropped_nonfinite"] == 0
     assert out["exponent"] == pytest.approx(-0.5, abs=0.01)
     assert out["intercept"] == pytest.approx(math.log(8.0), abs=0.08)
     # the estimator finds the known noise variance
     assert out["noise_var"] == pytest.approx(SIGMA**2, rel=0.1)
     # and the ceiling it implies: 1 - sigma² / Var(log L) over the fitted points
-    y = np.log(batch["loss"].to_numpy()[99:])
-    assert out["r_squared_ceiling"] == pytest.approx(1 - SIGMA**2 / np.var(y), abs=0.01)
+    y = np.log(batch["loss"].to_numpy()[k - 1 :])
+    assert out["r_squared_noise_limited"] == pytest.approx(1 - SIGMA**2 / np.var(y), abs=0.01)
     # the true curve's own R² is at the ceiling; so is the fit's (it is the right model)
-    true_r2 = 1 - np.sum(eps[99:] ** 2) / np.sum((y - y.mean()) ** 2)
+    true_r2 = 1 - np.sum(eps[k - 1 :] ** 2) / np.sum((y - y.mean()) ** 2)
     assert out["r_squared"] == pytest.approx(true_r2, abs=0.005)
-    assert out["r_squared"] == pytest.approx(out["r_squared_ceiling"], abs=0.01)
+    assert out["r_squared"] == pytest.approx(out["r_squared_noise_limited"], abs=0.01)
     assert out["r_squared"] < 0.98  # the plan's raw rule fails on noise alone
+    assert out["r_squared_shape"] == pytest.approx(1.0, abs=0.01)  # the shape rule does not
     # per-epoch means average the noise away: same exponent, R² near 1
     assert out["exponent_epoch_mean"] == pytest.approx(-0.5, abs=0.01)
     assert out["r_squared_epoch_mean"] > 0.99
-    # epoch 1 holds only the burn-in step (its last), epochs 2..50 are whole, 51 is partial
-    assert out["n_epoch_means"] == 51
+    # epoch 2 is partial from the knee, epochs 3..50 whole, 51 partial
+    assert out["n_epoch_means"] == 50
 
 
 # --- no burn-in ----------------------------------------------------------------------------
@@ -117,7 +121,7 @@ def test_curve_that_never_burns_in_has_no_power_law_fit():
         "burn_in_step",
         "burn_in_loss",
         "r_squared",
-        "r_squared_ceiling",
+        "r_squared_noise_limited",
         "noise_var",
         "exponent",
         "intercept",
@@ -128,7 +132,8 @@ def test_curve_that_never_burns_in_has_no_power_law_fit():
         assert math.isnan(out[k]), k
     assert out["n_points"] == 0 and out["n_epoch_means"] == 0
     means = batch.groupby(np.ceil(batch["epoch"] - 1e-9))["loss"].mean()
-    assert out["alpha_early"] == pytest.approx(linear_slope(means.index[4:15], means.iloc[4:15]))
+    # the plan's 5..15, 0-based end-exclusive: epochs 6..15 counted from 1
+    assert out["alpha_early"] == pytest.approx(linear_slope(means.index[5:15], means.iloc[5:15]))
     assert out["best_val_ce"] == pytest.approx(1.05)
 
 
@@ -147,8 +152,10 @@ def test_alpha_full_from_burn_in_with_knee_mid_epoch():
     # the loss falls 0.001 per step = 0.01 per epoch from burn-in on: alpha_full is exactly that
     assert alpha_full(step, epoch, loss, 15) == pytest.approx(-0.01, abs=1e-12)
     out = fit_run(batch, _val(6))
-    assert out["knee_epoch"] == pytest.approx(1.5) and out["burn_in_step"] == 15
+    # smoothed knee: the 11-batch centred mean first leaves out every CE-3.0 batch at step 20
+    assert out["knee_epoch"] == pytest.approx(2.0) and out["burn_in_step"] == 20
     assert out["alpha_full"] == pytest.approx(-0.01, abs=1e-12)
+    assert not out["alpha_full_few_points"]  # epochs 2..6: exactly the minimum of 5
     # whole epochs >= the fractional knee (the old rule) mix steps 11..14 (CE 3.0) into
     # epoch 2 and get another slope
     whole = batch.groupby(np.ceil(batch["epoch"] - 1e-9))["loss"].mean()
@@ -185,13 +192,13 @@ def test_h1_passes_only_when_the_wilson_bound_clears_90_percent():
     # all good: 34 runs give a lower bound 34/(34 + z²) = 0.8985, 35 give 0.9011
     at_34 = h1_power_law_prevalence([0.99] * 34)
     at_35 = h1_power_law_prevalence([0.99] * 35)
-    assert at_34["point_passed"] and not at_34["passed"]
+    assert at_34["point_passed"] and at_34["verdict"] == "INCONCLUSIVE"
     assert at_34["ci_low"] == pytest.approx(34 / (34 + 1.959963984540054**2))
-    assert at_35["point_passed"] and at_35["passed"]
+    assert at_35["point_passed"] and at_35["passed"] and at_35["verdict"] == "PASS"
     few = h1_power_law_prevalence([0.99] * 5)
-    assert few["point_passed"] and not few["passed"] and "cannot pass" in few["note"]
+    assert few["point_passed"] and few["verdict"] == "INCONCLUSIVE" and "n < 8" in few["note"]
     none = h1_power_law_prevalence([0.5] * 10)
-    assert none["ci_low"] == 0.0 and not none["point_passed"]
+    assert none["ci_low"] == 0.0 and not none["point_passed"] and none["verdict"] == "FAIL"
 
 
 def _fits(n: int, **cols) -> pd.DataFrame:
@@ -203,6 +210,7 @@ def _fits(n: int, **cols) -> pd.DataFrame:
         "knee_epoch": 1.0,
         "r_squared": 0.99,
         "r_squared_epoch_mean": 0.99,
+        "r_squared_shape": 0.99,
         "alpha_early": np.linspace(-0.3, -0.1, n),
         "best_val_ce": np.linspace(0.5, 0.9, n),
     }
@@ -212,9 +220,13 @@ def _fits(n: int, **cols) -> pd.DataFrame:
 
 def test_h1_smoothing_rule_is_declared_and_named():
     fits = _fits(40, r_squared=0.9, r_squared_epoch_mean=0.99)
-    raw, _ = h1_table(fits)
+    raw, _ = h1_table(fits, rule="raw")
     smooth, _ = h1_table(fits, rule="epoch_mean")
-    assert set(raw["smoothing"]) == {"raw"} and set(smooth["smoothing"]) == {"epoch_mean"}
+    assert raw.loc[0, "smoothing"] == "raw" and smooth.loc[0, "smoothing"] == "epoch_mean"
+    assert raw.loc[0, "primary"] and smooth.loc[0, "primary"]
+    default, _ = h1_table(fits)  # the pre-declared primary: the shape rule
+    assert default.loc[0, "smoothing"] == "shape" and default.loc[0, "primary"]
+    assert set(default.loc[default["tier"] == "exploratory", "smoothing"]) == {"raw", "epoch_mean"}
     assert raw.loc[0, "value"] == 0.0 and smooth.loc[0, "value"] == 1.0
     assert smooth.loc[0, "passed"] and not raw.loc[0, "passed"]
     with pytest.raises(ValueError, match="smoothing rule"):
@@ -225,12 +237,13 @@ def test_runs_without_burn_in_are_excluded_from_h1_and_h2_with_the_reason():
     fits = _fits(10)
     fits.loc[3, ["knee_epoch", "r_squared"]] = [np.nan, 0.55]  # the old fit on all points
     results, excluded = hypotheses_table(fits, n_boot=50)
+    # H2 keeps it: alpha_early is over fixed epochs (SPEC section 4), not from burn-in
     assert excluded.to_dict("records") == [
         {"hypothesis": "H1", "run_id": "r3", "reason": REASON_NO_BURN_IN},
-        {"hypothesis": "H2", "run_id": "r3", "reason": REASON_NO_BURN_IN},
     ]
-    assert REASON_NO_BURN_IN == "no burn-in: train CE never <= 1.0"
-    assert (results["n"] == 9).all()
+    assert REASON_NO_BURN_IN == "no burn-in: smoothed train CE never <= 1.0"
+    assert (results.loc[results["hypothesis"] == "H1", "n"] == 9).all()
+    assert (results.loc[results["hypothesis"] == "H2", "n"] == 10).all()
 
 
 def test_h2_degenerate_cis_do_not_pass():
@@ -241,8 +254,8 @@ def test_h2_degenerate_cis_do_not_pass():
     assert pd.isna(row["ci_low"]) and "n < 8" in row["note"]
     x = np.linspace(-0.3, -0.1, 20)
     perfect, _ = h2_table(_fits(20, alpha_early=x, best_val_ce=2 * x + 1), n_boot=200)
-    row = perfect.iloc[0]
-    assert row["ci_low"] == pytest.approx(1.0) and row["ci_high"] == pytest.approx(1.0)
+    row = perfect.iloc[0]  # the primary: every resample of a perfect line gives r = 1
+    assert pd.isna(row["ci_low"]) and row["verdict"] == "INCONCLUSIVE"
     assert row["point_passed"] and not row["passed"] and "zero-width" in row["note"]
 
 
@@ -253,7 +266,7 @@ def test_h2_passes_on_the_ci_and_reports_the_point_verdict():
     weak, _ = h2_table(_fits(12, alpha_early=x[:12], best_val_ce=x[:12] + rng.normal(size=12)))
     s, w = strong.iloc[0], weak.iloc[0]
     assert s["ci_low"] >= 0.7 and s["passed"] and s["point_passed"]
-    assert s["ci_method"].startswith("bootstrap")
+    assert "bootstrap BCa" in s["ci_method"] and s["primary"]
     assert w["passed"] == (w["ci_low"] >= 0.7)
     assert w["point_passed"] == (w["value"] >= 0.7)
     for r in pd.concat([strong, weak]).itertuples():
@@ -302,7 +315,8 @@ def test_h2_within_each_lr_and_partial_on_lr_show_confounding():
     hand = np.corrcoef(centred["alpha_early"], centred["best_val_ce"])[0, 1]
     partial = r.loc[("pooled", "pearson_partial_lr")]
     assert partial["value"] == pytest.approx(hand, abs=1e-12) and partial["value"] < -0.9
-    assert not partial["passed"] and "partial on lr (3 levels, effective n 28)" in partial["note"]
+    assert not partial["passed"] and "partial on lr (3 levels)" in partial["note"]
+    assert partial["tier"] == "exploratory" and partial["verdict"] == "FAIL"
     ranks = df[["alpha_early", "best_val_ce"]].rank().assign(lr=df["lr"])
     rc = ranks.groupby("lr")[["alpha_early", "best_val_ce"]].transform(lambda s: s - s.mean())
     assert r.loc[("pooled", "spearman_partial_lr"), "value"] == pytest.approx(
@@ -311,10 +325,10 @@ def test_h2_within_each_lr_and_partial_on_lr_show_confounding():
     assert r.loc[("variant=base", "pearson_partial_lr"), "value"] == pytest.approx(hand)
 
 
-def test_partial_correlation_bootstrap_ci_brackets_the_value():
+def test_partial_correlation_fisher_ci_brackets_the_value():
     df = _confounded()
-    out = correlations(df["alpha_early"], df["best_val_ce"], n_boot=300, groups=df["lr"])
-    assert out["n_groups"] == 3 and out["pearson_boot_defined"] == 1.0
+    out = correlations(df["alpha_early"], df["best_val_ce"], groups=df["lr"])
+    assert out["n_groups"] == 3 and out["n_eff"] == 30 - 3 - 2
     assert out["pearson_ci_low"] <= out["pearson"] <= out["pearson_ci_high"] < 0
 
 
@@ -322,6 +336,7 @@ def test_hypotheses_table_is_typed():
     results, excluded = hypotheses_table(_confounded(), n_boot=50)
     assert str(results["value"].dtype) == "Float64" and str(results["n"].dtype) == "Int64"
     assert results["passed"].dtype == bool and results["point_passed"].dtype == bool
-    for c in ("hypothesis", "scope", "method", "smoothing", "ci_method", "note"):
+    assert results["primary"].dtype == bool
+    for c in ("hypothesis", "tier", "verdict", "scope", "method", "smoothing", "ci_method", "note"):
         assert str(results[c].dtype) == "string", c
     assert all(str(t) == "string" for t in excluded.dtypes)

@@ -192,10 +192,12 @@ def test_each_defect_fails_its_gate_naming_exactly_its_runs(faulty):
         assert gates.loc[gate, "passed"] and gates.loc[gate, "violations"] == 0
 
 
-def test_early_validation_blowups_are_their_own_reported_row(faulty):
+def test_early_validation_blowups_are_their_own_no_go_row(faulty):
     _, gates = faulty
     row = gates.loc["validation blow-ups early in training"]
-    assert row["severity"] == "warn" and row["passed"]  # reported, not a NO-GO
+    # a NO-GO like the knee gate: at least as visible (issue 19)
+    assert row["severity"] == "error" and not row["passed"]
+    assert row["severity"] == gates.loc["knee epoch within the profile's window", "severity"]
     assert row["violations"] == 3 and row["n_runs"] == 2
     assert _runs_of(gates, "validation blow-ups early in training") == {EARLY.key, EARLY2.key}
     detail = row["detail"]
@@ -222,7 +224,7 @@ def test_no_burn_in_run_has_no_fit_and_is_excluded_with_reason(faulty):
     con = duckdb.connect(str(root / "deconflow.duckdb"), read_only=True)
     try:
         fit = con.execute(
-            "SELECT r_squared, r_squared_ceiling, exponent, knee_epoch, n_points, "
+            "SELECT r_squared, r_squared_noise_limited, exponent, knee_epoch, n_points, "
             "alpha_early_from, alpha_early_to FROM run_fits WHERE run_id = ?",
             [NO_BURN_IN.key],
         ).fetchone()
@@ -236,7 +238,7 @@ def test_no_burn_in_run_has_no_fit_and_is_excluded_with_reason(faulty):
     finally:
         con.close()
     assert fit[:4] == (None, None, None, None) and fit[4:] == (0, 2, 5)  # SQL NULLs
-    assert reasons == [("H1", REASON_NO_BURN_IN), ("H2", REASON_NO_BURN_IN)]
+    assert reasons == [("H1", REASON_NO_BURN_IN)]  # H2's alpha_early needs no burn-in
     assert good == 1  # NULL, not NaN (DuckDB orders NaN above every number)
 
 
@@ -248,7 +250,7 @@ def test_duckdb_has_no_null_typed_columns(clean):
             "SELECT table_name, column_name, data_type FROM information_schema.columns"
         ).fetchall()
         wilson = con.execute(
-            "SELECT value, ci_low FROM hypotheses WHERE hypothesis = 'H1' AND scope = 'pooled'"
+            "SELECT value, ci_low FROM hypotheses WHERE hypothesis = 'H1' AND smoothing = 'raw'"
         ).fetchone()
         excluded = con.execute("SELECT count(*) FROM hypotheses_excluded").fetchone()[0]
     finally:
@@ -262,6 +264,8 @@ def test_duckdb_has_no_null_typed_columns(clean):
     assert typed[("run_fits", "r_squared")] == "DOUBLE"
     assert typed[("hypotheses", "ci_low")] == "DOUBLE"
     assert typed[("hypotheses", "passed")] == typed[("hypotheses", "point_passed")] == "BOOLEAN"
+    assert typed[("hypotheses", "primary")] == "BOOLEAN"
+    assert typed[("hypotheses", "verdict")] == typed[("hypotheses", "tier")] == "VARCHAR"
     # no run reaches R² 0.98 on raw noisy batches: the Wilson lower bound is exactly 0
     assert wilson[0] == 0.0 and wilson[1] == 0.0 and math.copysign(1, wilson[1]) == 1
 
@@ -297,7 +301,7 @@ def test_run_fits_use_the_profiles_windows(clean):
     short = fits.loc[cell("narrow", 0.2).key]  # 4 epochs: the demo window 2-5 is not there
     assert pd.isna(short["alpha_early"])
     long = fits.loc[cell("base", 0.1).key]
-    assert long["alpha_early"] < 0 and long["r_squared"] <= long["r_squared_ceiling"] + 0.02
+    assert long["alpha_early"] < 0 and long["r_squared"] <= long["r_squared_noise_limited"] + 0.02
     assert long["r_squared_epoch_mean"] > long["r_squared"]
 
 
@@ -327,21 +331,37 @@ def test_export_states_missing_values_and_series_types(faulty, tmp_path):
     assert series.loc[~has_val & (series["step"] < 11), "val_loss"].isna().all()
 
 
-def test_readme_explains_every_column():
+def test_science_doc_explains_every_column():
     from pathlib import Path
 
     from deconflow.analysis.hypotheses import RESULT_COLUMNS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = readme[readme.index("### Analysis definitions") :]
-    fits_part = section[
-        section.index("`run_fits` columns:") : section.index("`hypotheses` columns:")
-    ]
-    hyp_part = section[section.index("`hypotheses` columns:") : section.index("**Quality gates**")]
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "science.md").read_text()
+    fits_part = doc[doc.index("`run_fits` columns") : doc.index("`hypotheses` columns")]
+    hyp_part = doc[doc.index("`hypotheses` columns") : doc.index("## Quality gates")]
     for column in tables_mod.FIT_COLUMNS:
-        assert f"| {column}" in fits_part or f", {column}" in fits_part, column
+        assert f"| {column} |" in fits_part, column
     for column in RESULT_COLUMNS:
-        assert f"| {column}" in hyp_part or f", {column}" in hyp_part, column
+        assert f"| {column} |" in hyp_part, column
+
+
+def test_gates_by_variant_name_the_failing_arms(faulty):
+    from deconflow.assets.checks import gates_verdict
+
+    _, gates = faulty
+    by_variant = gates_mod.gates_by_variant(gates.reset_index(), ["adamw", "base", "zzz"])
+    assert list(by_variant.columns) == ["variant", "gate", "verdict", "n_runs", "runs"]
+    knee = by_variant[by_variant["gate"] == "knee epoch within the profile's window"]
+    bad = knee[knee["verdict"] == "NO-GO"]
+    assert list(bad["runs"]) == [NO_BURN_IN.key]
+    assert list(bad["variant"]) == [NO_BURN_IN.variant]
+    assert (by_variant.loc[by_variant["variant"] == "zzz", "verdict"] == "GO").all()
+    arms = gates_mod.failing_arms(by_variant)
+    assert NO_BURN_IN.variant in arms and "zzz" not in arms
+    go, description, meta = gates_verdict(gates.reset_index(), ["zzz"])
+    assert not go and description.startswith("NO-GO in arms ")
+    assert f"{NO_BURN_IN.variant} (" in description
+    assert "gates_by_variant" in meta and "zzz: GO" in meta["arms"]
 
 
 def test_profiles_scale_the_analysis_windows():
@@ -397,3 +417,15 @@ def test_export_rewrites_only_the_time_series_whose_run_changed(faulty, tmp_path
     rewritten = pd.read_parquet(series[CLEAN.key])
     assert np.allclose(rewritten["loss_nats"].to_numpy(), batch["loss_nats"].to_numpy())
     assert all(series[k].stat().st_mtime_ns == before[k] for k in published if k != CLEAN.key)
+
+
+def test_status_shows_the_short_verdict_table(clean):
+    from deconflow.status import verdict_summary
+
+    root, _, _ = clean
+    text = verdict_summary(root / "deconflow.duckdb")
+    lines = text.splitlines()
+    assert lines[0].startswith("hypotheses (primary first")
+    assert lines[2].startswith("H1   primary") and lines[3].startswith("H2   primary")
+    assert len(lines) <= 16 and "nan" not in text.lower()
+    assert "no database yet" in verdict_summary(root / "missing.duckdb")

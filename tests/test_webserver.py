@@ -99,6 +99,7 @@ def test_graphql_sees_the_graph_and_partition_statuses(webserver):
         "training_run": "training",
         "runs": "analysis",
         "run_fits": "analysis",
+        "run_fit_figures": "analysis",
         "hypotheses": "analysis",
         "completeness": "analysis",
         "sweep_db": "warehouse",

@@ -67,8 +67,12 @@ def _runs_of(row) -> list[str]:
         return []
 
 
-def gates_verdict(gates: "pd.DataFrame") -> tuple[bool, str, dict]:
-    """(go, description, metadata) of a gates table; failing gates name their runs."""
+def gates_verdict(gates: "pd.DataFrame", variants=()) -> tuple[bool, str, dict]:
+    """(go, description, metadata) of a gates table. The description names the arms
+    (variants) that fail and, per failing gate, its runs; the metadata carries the gates
+    and their per-variant breakdown (`gates_by_variant`) as Dagster tables."""
+    from deconflow.warehouse.gates import failing_arms, gates_by_variant
+
     go = bool(gates["passed"].all()) if len(gates) else True
     failing = []
     for g in gates.itertuples():
@@ -82,6 +86,8 @@ def gates_verdict(gates: "pd.DataFrame") -> tuple[bool, str, dict]:
     table = gates.copy()
     if "runs" in table.columns:
         table["runs"] = [", ".join(_runs_of(r)) for r in gates.itertuples()]
+    by_variant = gates_by_variant(table, variants) if "runs" in table.columns else None
+    arms = failing_arms(by_variant) if by_variant is not None else {}
     meta = {
         "verdict": "GO" if go else "NO-GO",
         "gates": table_value(table),
@@ -96,6 +102,12 @@ def gates_verdict(gates: "pd.DataFrame") -> tuple[bool, str, dict]:
             for g in gates.itertuples()
         },
     }
+    if by_variant is not None:
+        meta["gates_by_variant"] = table_value(by_variant)
+        verdicts = by_variant.groupby("variant")["verdict"].apply(
+            lambda v: "NO-GO" if (v == "NO-GO").any() else "GO"
+        )
+        meta["arms"] = ", ".join(f"{v}: {x}" for v, x in verdicts.items())
     failing_runs = sorted(
         {r for g in gates.itertuples() if not bool(g.passed) for r in _runs_of(g)}
     )
@@ -103,22 +115,28 @@ def gates_verdict(gates: "pd.DataFrame") -> tuple[bool, str, dict]:
         meta["failing_runs"] = ", ".join(failing_runs[:100]) + (
             " ..." if len(failing_runs) > 100 else ""
         )
-    description = "GO" if go else "NO-GO: " + "; ".join(failing)
+    arms_text = "; ".join(f"{v} ({', '.join(gs)})" for v, gs in arms.items())
+    description = (
+        "GO"
+        if go
+        else "NO-GO" + (f" in arms {arms_text}" if arms else "") + ". Gates: " + "; ".join(failing)
+    )
     return go, description, meta
 
 
 @dg.asset_check(
     asset="sweep_db",
     description="Quality gates of SPEC section 4: value ranges, "
-    "no NaN outside diverged runs, knee epoch in [1, 20], logging frequencies. "
-    "A failing gate names its runs.",
+    "no NaN outside diverged runs, validation blow-ups, knee epoch in [1, 20], logging "
+    "frequencies; per variant (arm): the verdict names the failing arms and runs.",
 )
 def quality_gates() -> dg.AssetCheckResult:
     from deconflow.warehouse import gates as gates_mod
     from deconflow.warehouse.database import snapshot_path
 
-    gates = gates_mod.quality_gates(snapshot_path(db_path()))
-    go, description, meta = gates_verdict(gates)
+    snap = snapshot_path(db_path())
+    gates = gates_mod.quality_gates(snap)
+    go, description, meta = gates_verdict(gates, gates_mod.sweep_variants(snap))
     return dg.AssetCheckResult(passed=go, description=description, metadata=meta)
 
 

@@ -104,7 +104,7 @@ def build_database_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         )
 
     @dg.asset(
-        deps=["run_fits", "hypotheses", "completeness"],
+        deps=["run_fits", "run_fit_figures", "hypotheses", "completeness"],
         group_name="analysis",
         kinds={"html"},
         description="One self-contained HTML page (`data/report/index.html`): completeness "

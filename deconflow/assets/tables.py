@@ -49,9 +49,10 @@ def with_internal(df: "pd.DataFrame") -> "pd.DataFrame":
 class HypothesesConfig(dg.Config):
     """Declared analysis settings of the `hypotheses` asset (Launchpad: ops.hypotheses.config)."""
 
-    # The R² H1 counts: "raw" (the plan's rule: the fit to per-batch losses) or
-    # "epoch_mean" (the fit to per-epoch mean losses). Named in every H1 row.
-    h1_smoothing: Literal["raw", "epoch_mean"] = "raw"
+    # The R² H1's primary row counts. "shape" (pre-declared: R² over the run's
+    # noise-limited R² estimate, testing the power-law shape, not the batch noise); "raw"
+    # (the plan's literal rule) and "epoch_mean" are kept as exploratory rows.
+    h1_smoothing: Literal["shape", "raw", "epoch_mean"] = "shape"
 
 
 def save_table(name: str, df: "pd.DataFrame") -> None:
@@ -236,15 +237,14 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         deps=["training_run"],
         group_name="analysis",
         kinds={"pandas"},
-        description="Per run: power-law fit (R², exponent), burn-in knee, alpha_early, "
-        "alpha_full, best validation CE and epoch (the `run_fits` table). Only new or "
-        "re-run cells are refitted. Shows the loss curves with their fits, one picture per "
-        "variant, and the R² histogram.",
+        description="Per run: power-law fit (R², noise-limited R², shape R², exponent), "
+        "smoothed burn-in knee, alpha_early, alpha_full, best validation CE and epoch (the "
+        "`run_fits` table). Only new or re-run cells are refitted. Its pictures are the "
+        "`run_fit_figures` asset, so they never hold up the tables.",
     )
     def run_fits(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         import pandas as pd
 
-        from deconflow.report import save_figure
         from deconflow.warehouse import publish as publish_mod
 
         state = freshness.landings(context.instance, grid.name)
@@ -257,9 +257,29 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
             "refitted_runs": refitted,
             **table_metadata(fits, "run_fits"),
         }
-        r2 = pd.to_numeric(fits["r_squared"], errors="coerce").astype("float64")
-        if r2.notna().any():
-            meta["median_r_squared"] = float(r2.median())
+        for column in ("r_squared", "r_squared_shape"):
+            r2 = pd.to_numeric(fits[column], errors="coerce").astype("float64")
+            if r2.notna().any():
+                meta[f"median_{column}"] = float(r2.median())
+        dropped = pd.to_numeric(fits["n_dropped_nonfinite"], errors="coerce").fillna(0)
+        meta["dropped_nonfinite_rows"] = int(dropped.sum())
+        return dg.MaterializeResult(metadata=meta)
+
+    @dg.asset(
+        deps=[run_fits],
+        group_name="analysis",
+        kinds={"matplotlib"},
+        description="Pictures of `run_fits`: the loss curves with their fits, one per "
+        "variant, and the R² histogram (raw and shape R²). Their own asset: matplotlib "
+        "takes seconds per picture, the tables do not wait for it.",
+    )
+    def run_fit_figures(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from deconflow.report import save_figure
+        from deconflow.warehouse import publish as publish_mod
+
+        fits = load_table("run_fits")
+        published = publish_mod.published_runs(runs_dir(), grid)
+        meta: dict = {"runs": len(fits)}
         if len(fits):
             from deconflow.assets import plots
 
@@ -278,17 +298,16 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         deps=[run_fits],
         group_name="analysis",
         kinds={"pandas"},
-        description="H1 (power-law prevalence) and H2 (early slope predicts best val CE), "
-        "pooled and per variant, Pearson and Spearman with 95% CIs, n used and "
-        "excluded runs with reasons (tables `hypotheses`, `hypotheses_excluded`). Shows "
-        "alpha_early vs best validation CE per variant.",
+        description="H1 (power-law prevalence) and H2 (early slope predicts best val CE): "
+        "one pre-declared primary row each with its verdict (PASS / FAIL / INCONCLUSIVE), "
+        "per-variant secondary rows (Holm-adjusted) and exploratory rows (tables "
+        "`hypotheses`, `hypotheses_excluded`); the short verdict table is its metadata. "
+        "Shows alpha_early vs best validation CE per variant.",
     )
     def hypotheses(
         context: dg.AssetExecutionContext, config: HypothesesConfig
     ) -> dg.MaterializeResult:
-        import pandas as pd
-
-        from deconflow.analysis.hypotheses import hypotheses_table
+        from deconflow.analysis.hypotheses import hypotheses_table, verdict_table
         from deconflow.report import save_figure
 
         state = freshness.landings(context.instance, grid.name)
@@ -296,18 +315,18 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         results, excluded = hypotheses_table(fits, h1_rule=config.h1_smoothing)
         save_table("hypotheses", results)
         save_table("hypotheses_excluded", excluded)
-        pooled = results[results["scope"] == "pooled"]
+        short = verdict_table(results)
         meta = {
             **freshness.coverage_metadata(state, len(fits), n_cells),
             "excluded_runs": len(excluded),
+            "verdicts": table_value(short),
+            **{
+                f"{r.hypothesis}_verdict": f"{r.verdict} ({r.method}, {r.scope}, n={r.n})"
+                for r in short[short["tier"] == "primary"].itertuples()
+            },
             **table_metadata(results, "hypotheses"),
             "excluded": table_value(excluded),
         }
-        for r in pooled.itertuples():
-            value = float(r.value) if r.value is not pd.NA else math.nan
-            meta[f"{r.hypothesis}_{r.method}".replace(" ", "_")] = (
-                f"{value:.3f} (n={r.n}, {'pass' if bool(r.passed) else 'fail'})"
-            )
         if len(fits):
             from deconflow.assets import plots
 
@@ -345,7 +364,7 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
             }
         )
 
-    return [runs, run_fits, hypotheses, completeness]
+    return [runs, run_fits, run_fit_figures, hypotheses, completeness]
 
 
 __all__ = [

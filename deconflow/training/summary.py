@@ -46,7 +46,7 @@ def summarize(
         "best_val_ce": fit.get("best_val_ce"),
         "best_val_epoch": fit.get("best_val_epoch"),
         "r_squared": fit.get("r_squared"),
-        "r_squared_ceiling": fit.get("r_squared_ceiling"),
+        "r_squared_noise_limited": fit.get("r_squared_noise_limited"),
         "r_squared_epoch_mean": fit.get("r_squared_epoch_mean"),
         "knee_epoch": fit.get("knee_epoch"),
         "alpha_early": fit.get("alpha_early"),

@@ -6,12 +6,13 @@ and logging frequencies against the *profile's* configuration (``get_profile(pro
 not what each run's summary says about itself). Each gate names its offending runs with
 their row counts, in ``detail`` and in ``runs``.
 
-A gate of severity ``warn`` reports something a researcher must see but that does not make
-the data unusable; it stays ``passed`` (the verdict is GO) while its ``violations`` and
-``detail`` say what happened. The one such gate: validation-loss blow-ups early in training
-(before the end of the profile's knee window, epoch 20 of 50), a known transient of
-high-learning-rate runs whose BatchNorm statistics lag the weights. The same blow-up later
-in training fails the validation-loss range gate.
+Every gate is an error (NO-GO) when it has violations. Validation-loss blow-ups above 10
+nats are split by when they happen (before the end of the profile's knee window, epoch 20
+of 50, versus later) so a reader sees whether they are the early transient of
+high-learning-rate BatchNorm runs, but both rows are NO-GO: a validation CE of 1e5 nats is
+at least as serious as a late knee. `gates_by_variant` breaks every gate down per arm of
+the sweep (variant), so a verdict names the arms that fail rather than one sweep-wide
+NO-GO.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pandas as pd
 
 from deconflow.profiles import TrainConfig, get_profile
 from deconflow.protocol import COMPLETED, FAMILIES
-from deconflow.sweep import GridError
+from deconflow.sweep import GridError, parse_key
 from deconflow.training.schedule import Schedule
 from deconflow.warehouse.database import connect_readonly
 
@@ -347,8 +348,7 @@ def quality_gates(db_path: Path) -> pd.DataFrame:
         gates.add(
             "validation blow-ups early in training",
             early.groupby("run_id").size().to_dict(),
-            "validation loss > 10 nats (reported, not a NO-GO: an early transient)",
-            severity=WARN,
+            "validation loss > 10 nats early in training (a NO-GO like a late knee)",
             extra=extra,
         )
 
@@ -402,3 +402,65 @@ def quality_gates(db_path: Path) -> pd.DataFrame:
     finally:
         con.close()
     return gates.frame()
+
+
+VARIANT_GATE_COLUMNS = ["variant", "gate", "verdict", "n_runs", "runs"]
+VARIANT_GATE_DTYPES = {
+    "variant": "string",
+    "gate": "string",
+    "verdict": "string",
+    "n_runs": "int64",
+    "runs": "string",
+}
+
+
+def _variant_of(run_id: str) -> str:
+    try:
+        return parse_key(run_id).variant
+    except (GridError, ValueError):
+        return run_id.split("__", 1)[0]
+
+
+def gates_by_variant(gates: pd.DataFrame, variants: Iterable[str] = ()) -> pd.DataFrame:
+    """One row per (variant, gate): GO or NO-GO for that arm and the runs of it the gate
+    names. Arms differ in kind (bn_off burns in late by design), so a sweep-wide NO-GO
+    must say which arms fail. `variants`: every arm of the sweep (those no gate names
+    still get their GO rows); a warn-severity gate never makes an arm NO-GO."""
+    named: dict[tuple[str, str], list[str]] = {}
+    for g in gates.itertuples():
+        runs = [r.strip() for r in str(g.runs or "").split(",") if r.strip()]
+        for r in runs:
+            named.setdefault((_variant_of(r), str(g.gate)), []).append(r)
+    arms = sorted(set(variants) | {v for v, _ in named})
+    rows = []
+    for v in arms:
+        for g in gates.itertuples():
+            runs = sorted(named.get((v, str(g.gate)), []))
+            bad = bool(runs) and g.severity != WARN
+            rows.append(
+                {
+                    "variant": v,
+                    "gate": str(g.gate),
+                    "verdict": "NO-GO" if bad else "GO",
+                    "n_runs": len(runs),
+                    "runs": ", ".join(runs),
+                }
+            )
+    return pd.DataFrame(rows, columns=VARIANT_GATE_COLUMNS).astype(VARIANT_GATE_DTYPES)
+
+
+def failing_arms(by_variant: pd.DataFrame) -> dict[str, list[str]]:
+    """{variant: [gates it fails]} for the arms with a NO-GO, in variant order."""
+    bad = by_variant[by_variant["verdict"] == "NO-GO"]
+    return {str(v): list(g["gate"]) for v, g in bad.groupby("variant", sort=True)}
+
+
+def sweep_variants(db_path: Path) -> list[str]:
+    """The variants of the published `runs` table (every arm, failing or not)."""
+    con = connect_readonly(Path(db_path))
+    try:
+        return [
+            r[0] for r in con.execute("SELECT DISTINCT variant FROM runs ORDER BY 1").fetchall()
+        ]
+    finally:
+        con.close()

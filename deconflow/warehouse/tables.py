@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
-from deconflow.analysis.fits import fit_run
+from deconflow.analysis.fits import fit_arrays
 from deconflow.profiles import PLAN_EPOCHS, get_profile, scaled_windows
 from deconflow.protocol import (
     DIVERGED,
@@ -38,34 +40,53 @@ FIT_COLUMN_DOCS: dict[str, tuple[str, str]] = {
     ),
     "knee_epoch": (
         "Float64",
-        "fractional epoch of the first step with train CE <= 1.0 (null: no burn-in)",
+        "fractional epoch of the first step whose smoothed train CE (centred moving mean "
+        "over one epoch of batches) is <= 1.0 (null: no burn-in)",
     ),
-    "burn_in_loss": ("Float64", "train CE at that step"),
+    "burn_in_loss": ("Float64", "smoothed train CE at that step"),
     "alpha_early": (
         "Float64",
         "least-squares slope (nats/epoch) of the per-epoch mean train loss over the "
-        "profile's early window (alpha_early_from..alpha_early_to; the plan's 5-15 of 50)",
+        "plan's calculate_slope(5, 15), 0-based end-exclusive: epochs 6-15 counted from 1, "
+        "right after the warm-up (profile window alpha_early_from..alpha_early_to, scaled)",
     ),
     "alpha_full": (
         "Float64",
         "the same slope from burn-in to the end: per-epoch means of the batches at or after "
-        "the burn-in step, each at the mean epoch of its batches (null: no burn-in)",
+        "the burn-in step, each at the mean epoch of its batches (null: no burn-in, or fewer "
+        "than 5 epoch means: see alpha_full_few_points)",
+    ),
+    "alpha_full_few_points": (
+        "bool",
+        "true when the run burnt in but had fewer than 5 per-epoch means after it, so "
+        "alpha_full is withheld",
     ),
     "best_val_ce": ("Float64", "lowest validation CE within the profile's epochs"),
     "best_val_epoch": ("Float64", "fractional epoch where it first occurs"),
     "exponent": ("Float64", "b of the raw power-law fit (negative: a falling loss)"),
     "intercept": ("Float64", "log a of the raw power-law fit (natural log)"),
     "n_points": ("int64", "batches in the raw fit (0: no burn-in)"),
+    "n_dropped_nonfinite": (
+        "int64",
+        "batch rows within the horizon dropped because the loss was non-finite or <= 0",
+    ),
     "outcome": ("string", "completed or diverged"),
-    "r_squared_ceiling": (
+    "r_squared_noise_limited": (
         "Float64",
-        "noise ceiling of r_squared: 1 - noise_var / Var(log L) over the fitted points, "
-        "clipped to [0, 1]; the highest R² any smooth curve reaches on this noise",
+        "estimate of the R² the noise-free trend would reach under this run's batch noise: "
+        "1 - noise_var / Var(log L) over the fitted points, clipped at 0 (an estimate, not a "
+        "bound: r_squared can exceed it)",
+    ),
+    "r_squared_shape": (
+        "Float64",
+        "r_squared / r_squared_noise_limited: the power law's R² against the noise-free trend "
+        "(near 1 when the shape is a power law, whatever the batch noise); H1's primary rule",
     ),
     "noise_var": (
         "Float64",
         "batch-to-batch noise variance of log L after burn-in, from second differences: "
-        "sum((y[i-1] - 2 y[i] + y[i+1])²) / (6 (n - 2))",
+        "sum((y[i-1] - 2 y[i] + y[i+1])²) / (6 m) over the m triples of consecutive steps "
+        "(a dropped batch never makes a difference across a gap)",
     ),
     "r_squared_epoch_mean": (
         "Float64",
@@ -76,8 +97,16 @@ FIT_COLUMN_DOCS: dict[str, tuple[str, str]] = {
     "intercept_epoch_mean": ("Float64", "log a of that per-epoch-mean fit"),
     "n_epoch_means": ("int64", "epochs in that fit (the knee's partial epoch counts)"),
     "burn_in_step": ("Int64", "the burn-in step (null: no burn-in)"),
-    "alpha_early_from": ("int64", "first epoch of the alpha_early window"),
-    "alpha_early_to": ("int64", "last epoch of the alpha_early window (inclusive)"),
+    "alpha_early_from": (
+        "int64",
+        "start of the alpha_early window in the plan's notation (0-based: the first epoch "
+        "used is alpha_early_from + 1 counted from 1)",
+    ),
+    "alpha_early_to": (
+        "int64",
+        "end of the alpha_early window, exclusive in 0-based epochs (= the last epoch used, "
+        "counted from 1)",
+    ),
     "profile": ("string", "training profile of the run"),
 }
 FIT_COLUMNS = list(FIT_COLUMN_DOCS)
@@ -99,6 +128,12 @@ def _analysis_config(summary: dict) -> tuple[tuple[int, int], float | None]:
     return tuple(cfg.alpha_early_epochs), float(cfg.epochs)
 
 
+def _read_columns(path: Path, columns: list[str]) -> dict[str, np.ndarray]:
+    """Columns of a Parquet file as float arrays, straight from Arrow (no DataFrame)."""
+    table = pq.read_table(path, columns=columns)
+    return {c: table.column(c).to_numpy().astype(float, copy=False) for c in columns}
+
+
 def run_fits(runs: dict[str, Path]) -> pd.DataFrame:
     """One row of SPEC section 4 numbers per published run (typed: see FIT_COLUMN_DOCS)."""
     rows = []
@@ -106,13 +141,14 @@ def run_fits(runs: dict[str, Path]) -> pd.DataFrame:
         cell = parse_key(key)
         s = read_summary(d)
         window, horizon = _analysis_config(s)
-        batch = pd.read_parquet(
-            d / family_file("batch_metrics"), columns=["step", "epoch", "loss_nats"]
-        )
-        val = pd.read_parquet(d / family_file("val_metrics"), columns=["epoch", "val_loss"])
-        fit = fit_run(
-            batch.rename(columns={"loss_nats": "loss"}),
-            val,
+        b = _read_columns(d / family_file("batch_metrics"), ["step", "epoch", "loss_nats"])
+        v = _read_columns(d / family_file("val_metrics"), ["epoch", "val_loss"])
+        fit = fit_arrays(
+            b["step"],
+            b["epoch"],
+            b["loss_nats"],
+            v["epoch"],
+            v["val_loss"],
             max_epoch=horizon,
             alpha_early_epochs=window,
         )

@@ -104,3 +104,14 @@ def pg_dagster_home(postgres_server, tmp_path, monkeypatch):
     monkeypatch.setenv("DECONFLOW_PG_URL", url)
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     return ensure_dagster_home()
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    # Resolve the state dir before any test points DECONFLOW_DATA elsewhere.
+    from deconflow_dev import slurm_cluster as cluster
+
+    info = cluster.up(cluster.default_state_dir())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SLURM_CONF", str(info.slurm_conf))
+        yield info

@@ -13,6 +13,8 @@ from deconflow.partitions import cell_for, partition_key, partitions_def
 from deconflow.sweep import Cell, grid_from_dict, load_grid
 from tests.helpers import asset, data_path, downstream, make_defs
 
+pytestmark = pytest.mark.slow  # materializes trained cells
+
 OK = [Cell("base", 0.1, 1e-3, 0), Cell("adamw", 0.05, 1e-4, 1)]
 DIVERGED = Cell("bn_off", 0.2, 1e-2, 2)
 CRASHED = Cell("narrow", 0.2, 1e-2, 3)

@@ -32,6 +32,8 @@ from deconflow.training.checkpoints import Checkpoints, DiskFullError
 from deconflow.training.metrics_io import read_family
 from deconflow.training.train import train
 
+pytestmark = pytest.mark.slow  # trains and resumes
+
 CELL = Cell("base", 0.1, 1e-3, 0)
 CFG = get_profile("demo", epochs=5)  # 55 steps; latest.pt saved at 11, 22, 33, 44, 55
 

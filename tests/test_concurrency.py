@@ -8,11 +8,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 
 import dagster as dg
+import pytest
 
 from deconflow.partitions import partition_key
 from deconflow.status import run_sql
 from deconflow.sweep import Cell
 from tests.helpers import asset, data_path, downstream, make_defs
+
+pytestmark = pytest.mark.slow  # materializes concurrent trainings
 
 CELLS = [Cell(v, 0.1, 1e-3, 5) for v in ("base", "bn_off", "narrow", "adamw")]
 

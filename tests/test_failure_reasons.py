@@ -11,6 +11,7 @@ import signal
 import threading
 
 import dagster as dg
+import pytest
 
 from deconflow.assets.training import build_training_run
 from deconflow.failures import classify_returncode, failure_line
@@ -19,6 +20,8 @@ from deconflow.protocol import FAILURE_CLASS_TAG, FAILURE_REASON_TAG
 from deconflow.resources import LocalProcessResource, SweepSettings
 from deconflow.sweep import load_grid
 from tests.helpers import wait_until
+
+pytestmark = pytest.mark.slow  # trains through Dagster
 
 GRID = load_grid()
 CELL = GRID.cells[0]

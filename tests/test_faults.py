@@ -32,14 +32,15 @@ from deconflow.sensors import WatchdogSettings, evaluate_tick
 from deconflow.sweep import load_grid
 from deconflow_dev import slurm_cluster as cluster
 from tests.helpers import wait_until
-from tests.test_slurm_resource import (  # noqa: F401  (slurm_cluster is a fixture)
+from tests.slurm_helpers import (
     CELL,
     _prefix,
     cluster_test,
     heartbeat_step,
-    slurm_cluster,
     slurm_config,
 )
+
+pytestmark = pytest.mark.slow  # SLURM faults on the dev cluster
 
 GRID = load_grid()
 FAST = {"epochs": 2, "heartbeat_every_s": 0.5}
@@ -155,7 +156,7 @@ class Harness:
 
 
 @pytest.fixture
-def harness(request, slurm_cluster, tmp_path, monkeypatch):  # noqa: F811
+def harness(request, slurm_cluster, tmp_path, monkeypatch):
     made: list[Harness] = []
 
     def make(overrides: dict | None = None, **slurm) -> Harness:
@@ -237,7 +238,7 @@ def test_injected_nan_is_a_result_not_retried(harness) -> None:
 
 @cluster_test
 @pytest.mark.slurm_exclusive
-def test_slurmd_restart_with_a_job_on_it(harness, slurm_cluster) -> None:  # noqa: F811
+def test_slurmd_restart_with_a_job_on_it(harness, slurm_cluster) -> None:
     """slurmd stopped and restarted under a running job: the job survives (slurmstepd keeps
     it), the same run finishes, and no second job or run is needed."""
     h = harness()

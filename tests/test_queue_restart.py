@@ -19,12 +19,13 @@ import dagster as dg
 import pytest
 
 from bench.scale_sweep import LAUNCH_BACKFILL, Orchestrator, free_port, graphql
-from tests.test_slurm_resource import (  # noqa: F401  (slurm_cluster is a fixture)
+from tests.slurm_helpers import (
     _prefix,
     cluster_test,
-    slurm_cluster,
     slurm_config,
 )
+
+pytestmark = pytest.mark.slow  # dagster dev on the dev cluster
 
 GRID = """name = "queue-restart"
 variants = ["base"]
@@ -57,7 +58,7 @@ def _squeue(prefix: str, env: dict) -> list[str]:
 @pytest.mark.slow
 @cluster_test
 def test_sigkilled_dagster_dev_with_jobs_queued_ahead(
-    slurm_cluster,  # noqa: F811
+    slurm_cluster,
     pg_dagster_home,
     tmp_path,
     monkeypatch,

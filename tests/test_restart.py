@@ -26,20 +26,21 @@ from deconflow.orphans import end_orphans
 from deconflow.protocol import FAILURE_CLASS_TAG, LOCAL_PROCESS, RESUME_TAG, TRAIN_LOG
 from deconflow.sensors import WatchdogSettings, evaluate_tick
 from deconflow.sweep import load_grid
-from tests.test_slurm_resource import (  # noqa: F401  (slurm_cluster is a fixture)
+from tests.slurm_helpers import (
     CELL,
     REPO,
     _prefix,
     cluster_test,
     heartbeat_step,
     materialize,
-    slurm_cluster,
     slurm_config,
     squeue_by_name,
     start_child,
     wait_for,
     wait_sacct_state,
 )
+
+pytestmark = pytest.mark.slow  # SLURM, PostgreSQL, dagster dev
 
 GRID = load_grid()
 
@@ -73,7 +74,7 @@ def _wait_status(instance, run_id: str, statuses, timeout: float = 60) -> dg.Dag
 @cluster_test
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
 def test_orchestrator_stop_leaves_the_job_and_the_retry_reattaches(
-    slurm_cluster,  # noqa: F811
+    slurm_cluster,
     pg_dagster_home,
     tmp_path,
     sig,
@@ -121,7 +122,7 @@ def test_orchestrator_stop_leaves_the_job_and_the_retry_reattaches(
 
 @cluster_test
 def test_a_job_that_finished_unwatched_is_reported_not_trained_again(
-    slurm_cluster,  # noqa: F811
+    slurm_cluster,
     pg_dagster_home,
     tmp_path,
 ) -> None:
@@ -162,7 +163,7 @@ def test_a_job_that_finished_unwatched_is_reported_not_trained_again(
 
 @cluster_test
 def test_a_job_still_queued_when_its_run_stopped_trains_and_is_reported(
-    slurm_cluster,  # noqa: F811
+    slurm_cluster,
     pg_dagster_home,
     tmp_path,
 ) -> None:
@@ -196,7 +197,7 @@ def test_a_job_still_queued_when_its_run_stopped_trains_and_is_reported(
 
 
 @cluster_test
-def test_explicit_terminate_cancels_the_job(slurm_cluster, pg_dagster_home, tmp_path) -> None:  # noqa: F811
+def test_explicit_terminate_cancels_the_job(slurm_cluster, pg_dagster_home, tmp_path) -> None:
     """The run is CANCELING (a terminate from the UI or CLI): then, and only then, scancel."""
     prefix = _prefix()
     name = f"{prefix}-{CELL.key}"

@@ -20,6 +20,8 @@ from deconflow.sweep import Cell
 from deconflow.training.metrics_io import read_family
 from deconflow.training.train import train
 
+pytestmark = pytest.mark.slow  # trains demo runs
+
 CELL = Cell("base", 0.1, 1e-3, 0)
 
 

@@ -18,6 +18,8 @@ from deconflow.partitions import partition_key
 from deconflow.sweep import Cell
 from tests.helpers import asset, make_defs
 
+pytestmark = pytest.mark.slow  # starts the webserver
+
 REPO = Path(__file__).resolve().parents[1]
 
 QUERY = """

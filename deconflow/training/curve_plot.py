@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from deconflow.analysis.fits import burn_in_index, fit_run
+from deconflow.analysis.fits import fit_run
 from deconflow.atomic import atomic_write_bytes
 from deconflow.protocol import LEARNING_CURVE, SUMMARY, family_file
 
@@ -62,7 +62,10 @@ def render_learning_curve(run_dir: Path, title: str | None = None, dpi: int = 80
             label="validation loss",
         )
     b, a, r2 = (fit.get(k, math.nan) for k in ("exponent", "intercept", "r_squared"))
-    knee = burn_in_index(loss)
+    # The knee as the fit dates it: the smoothed curve's crossing (analysis.fits.burn_in).
+    knee_step = fit.get("burn_in_step", math.nan)
+    knee = int(np.searchsorted(step, knee_step)) if math.isfinite(knee_step) else None
+    knee_loss = fit.get("burn_in_loss", math.nan)
     if math.isfinite(b) and math.isfinite(a):
         t = step[knee:] if knee is not None else step
         ax.loglog(
@@ -77,11 +80,11 @@ def render_learning_curve(run_dir: Path, title: str | None = None, dpi: int = 80
         ax.axvline(step[knee], ls=":", color="tab:green", lw=1.0)
         ax.plot(
             step[knee],
-            loss[knee],
+            knee_loss,
             "v",
             ms=7,
             color="tab:green",
-            label=f"burn-in knee: epoch {batch['epoch'].iloc[knee]:.2f}, loss {loss[knee]:.3f}",
+            label=f"burn-in knee (smoothed): epoch {fit['knee_epoch']:.2f}, loss {knee_loss:.3f}",
         )
     spe = summary.get("steps_per_epoch")
     if spe:

@@ -51,7 +51,8 @@ class Browser:
             text=True,
         )
         url = self._devtools_url()
-        self.ws = connect(url, max_size=None, open_timeout=timeout)
+        self._conn = connect(url, max_size=None, open_timeout=timeout)
+        self.ws = self._conn.__enter__()
         self._id = 0
         self.events: list[dict] = []
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -170,8 +171,8 @@ class Browser:
 
     def close(self) -> None:
         try:
-            if getattr(self, "ws", None) is not None:
-                self.ws.close()
+            if getattr(self, "_conn", None) is not None:
+                self._conn.__exit__(None, None, None)
         finally:
             if self.proc.poll() is None:
                 self.proc.terminate()

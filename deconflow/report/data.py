@@ -220,29 +220,26 @@ def read_curves(published: dict[str, Path], bins: int | None = None) -> dict:
             if not files:
                 frames[name] = empty.copy()
                 continue
-            con.register(
-                "keys", pd.DataFrame({"filename": list(files), "run_id": list(files.values())})
-            )
-            src = (
-                f"SELECT k.run_id, p.step, p.{col} AS loss FROM read_parquet("
-                f"{_sql_list(files)}, filename=true) p JOIN keys k ON k.filename = p.filename "
-                f"WHERE isfinite(p.{col}) AND p.{col} > 0"
-            )
             df = con.execute(
                 f"""
-                WITH s AS ({src})
-                SELECT run_id, CAST(floor(ln(step) * {scale!r}) AS BIGINT) AS bin,
-                       avg(step) AS step, avg(loss) AS loss
-                FROM s GROUP BY ALL
+                WITH a AS MATERIALIZED (
+                    SELECT file_index AS f, CAST(floor(ln(step) * {scale!r}) AS BIGINT) AS bin,
+                           avg(step) AS step, avg({col}) AS loss,
+                           min(step) AS s0, arg_min({col}, step) AS l0,
+                           max(step) AS s1, arg_max({col}, step) AS l1
+                    FROM read_parquet({_sql_list(files)})
+                    WHERE isfinite({col}) AND {col} > 0
+                    GROUP BY ALL
+                )
+                SELECT f, bin, step, loss FROM a
                 UNION ALL
-                SELECT run_id, -1 AS bin, min(step) AS step, arg_min(loss, step) AS loss
-                FROM s GROUP BY run_id
+                SELECT f, -1, arg_min(s0, bin), arg_min(l0, bin) FROM a GROUP BY f
                 UNION ALL
-                SELECT run_id, {bins + 1} AS bin, max(step) AS step, arg_max(loss, step) AS loss
-                FROM s GROUP BY run_id
+                SELECT f, {bins + 1}, arg_max(s1, bin), arg_max(l1, bin) FROM a GROUP BY f
                 """
             ).df()
-            con.unregister("keys")
+            keys = np.array(list(files.values()), dtype=object)  # file_index: the list's order
+            df.insert(0, "run_id", keys[df.pop("f").to_numpy(np.int64)])
             df = df.sort_values(["run_id", "step", "bin"], kind="stable").reset_index(drop=True)
             frames[name] = df[cols]
     finally:

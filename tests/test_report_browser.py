@@ -59,6 +59,7 @@ def report(sweep_env):
     return mats["sweep_report"], [c.key for c in cells], diverged
 
 
+@pytest.mark.slow
 def test_report_is_linked_from_the_ui(report):
     mat, keys, _ = report
     assert isinstance(mat.metadata["url"], dg.UrlMetadataValue)

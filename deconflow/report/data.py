@@ -275,9 +275,10 @@ def cell_bands(curve: pd.DataFrame, fits: pd.DataFrame) -> pd.DataFrame:
     agg = g.agg(
         step=("step", "mean"),
         m=("logl", "mean"),
-        sd=("logl", lambda s: float(s.std(ddof=1)) if len(s) > 1 else 0.0),
+        sd=("logl", "std"),
         n=("logl", "size"),
     ).reset_index()
+    agg["sd"] = agg["sd"].fillna(0.0)  # one seed: no spread
     agg["mean"] = np.exp(agg["m"])
     agg["lo"] = np.exp(agg["m"] - agg["sd"])
     agg["hi"] = np.exp(agg["m"] + agg["sd"])

@@ -3,7 +3,8 @@
 Curves are downsampled for the page only (the DuckDB file keeps every row): each run's
 train and validation losses are averaged in log-spaced step bins shared by every run of the
 sweep (so seeds of a cell line up bin by bin), with the run's first and last finite points
-kept exactly. One DuckDB query reads all the runs' Parquet files at once.
+kept exactly (the first bin holds step 1 alone). One DuckDB query reads all the runs'
+Parquet files of a family at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from deconflow.protocol import DIVERGED, MATERIALIZED, family_file
 from deconflow.sweep import GridError, parse_key
 
 PASS, FAIL, INCONCLUSIVE = "PASS", "FAIL", "INCONCLUSIVE"
-MAX_BINS = 160  # log-spaced step bins per curve (a curve has at most this many + 2 points)
+MAX_BINS = 160  # log-spaced step bins per curve (a curve has at most this many + 1 points)
 MIN_BINS = 40
 POINT_BUDGET = 400_000  # bins x runs: the page stays tens of MB at most at 10,000 runs
 DIGITS = 5  # decimals kept for losses on the page
@@ -189,13 +190,34 @@ def _sql_list(files) -> str:
     return "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
 
 
+def _max_step(published: dict[str, Path]) -> int | None:
+    """The longest run's last step from the run summaries (None if one does not say)."""
+    import json
+
+    from deconflow.protocol import SUMMARY
+
+    hi = 0
+    for d in published.values():
+        try:
+            s = json.loads((Path(d) / SUMMARY).read_text())
+            steps = max(int(s.get("steps") or 0), int(s.get("total_steps") or 0))
+        except (OSError, ValueError, TypeError):
+            return None
+        if steps <= 0:
+            return None
+        hi = max(hi, steps)
+    return hi or None
+
+
 def read_curves(published: dict[str, Path], bins: int | None = None) -> dict:
     """Downsampled train (batch) and validation loss curves of every published run.
 
     Returns {"scale": c, "train": frame, "val": frame}; each frame has run_id, bin, step,
-    loss (bin means; `bin` = floor(ln(step) * c), the same bins for every run; the first and
-    last finite points of each run are kept exactly as extra rows, bin -1 and a bin past the
-    last). Non-finite and non-positive losses are dropped (the log axis cannot show them).
+    loss: bin means, `bin` = floor(ln(step) * c) with c = bins / ln(longest run's steps),
+    the same bins for every run. The first bin of a run that logs from step 1 holds that
+    step alone (c > 1 / ln 2), so the first point is exact; the last finite point is kept
+    exactly as an extra row (bin `bins` + 1). Non-finite and non-positive losses are dropped
+    (the log axis cannot show them). One scan of each family's files.
     """
     import duckdb
 
@@ -208,9 +230,12 @@ def read_curves(published: dict[str, Path], bins: int | None = None) -> dict:
     con = duckdb.connect()
     try:
         con.execute(f"SET threads TO {max(1, min(8, _cpus()))}").fetchall()
-        hi = con.execute(
-            f"SELECT max(step) FROM read_parquet({_sql_list(train_files)})"
-        ).fetchall()[0][0]
+        hi = (
+            _max_step(published)
+            or con.execute(
+                f"SELECT max(step) FROM read_parquet({_sql_list(train_files)})"
+            ).fetchall()[0][0]
+        )
         scale = bins / math.log(max(float(hi or 2), 2.0))
         frames = {}
         for name, files, col in (
@@ -225,15 +250,12 @@ def read_curves(published: dict[str, Path], bins: int | None = None) -> dict:
                 WITH a AS MATERIALIZED (
                     SELECT file_index AS f, CAST(floor(ln(step) * {scale!r}) AS BIGINT) AS bin,
                            avg(step) AS step, avg({col}) AS loss,
-                           min(step) AS s0, arg_min({col}, step) AS l0,
                            max(step) AS s1, arg_max({col}, step) AS l1
                     FROM read_parquet({_sql_list(files)})
                     WHERE isfinite({col}) AND {col} > 0
                     GROUP BY ALL
                 )
                 SELECT f, bin, step, loss FROM a
-                UNION ALL
-                SELECT f, -1, arg_min(s0, bin), arg_min(l0, bin) FROM a GROUP BY f
                 UNION ALL
                 SELECT f, {bins + 1}, arg_max(s1, bin), arg_max(l1, bin) FROM a GROUP BY f
                 """
@@ -268,7 +290,7 @@ def cell_bands(curve: pd.DataFrame, fits: pd.DataFrame) -> pd.DataFrame:
     ident = fits[["run_id", "variant", "lr", "weight_decay"]].astype(
         {"run_id": "string", "variant": "string", "lr": "float64", "weight_decay": "float64"}
     )
-    c = curve[(curve["bin"] >= 0) & (curve["bin"] <= curve["bin"].max() - 1)]
+    c = curve[curve["bin"] < curve["bin"].max()]  # not the exact last points
     c = c.astype({"run_id": "string"}).merge(ident, on="run_id", how="inner")
     c = c.assign(logl=np.log(c["loss"].astype(float)))
     g = c.groupby(["variant", "lr", "weight_decay", "bin"], sort=True)

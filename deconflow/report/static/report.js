@@ -387,7 +387,7 @@
     note(b, "Per (variant, lr, weight decay) cell: train loss (blue) and validation loss (orange, dashed) " +
             "against the step, log-log; the line is the geometric mean over seeds, the band \u00d7/\u00f7 one " +
             "standard deviation of log loss across seeds. Thin lines: each seed's train loss " +
-            "(cells of up to 12 seeds). Curves are downsampled to at most " + (D.bins + 2) +
+            "(cells of up to 12 seeds). Curves are downsampled to at most " + (D.bins + 1) +
             " points each for this page; DuckDB holds every logged point. Hover names the run(s); click a seed's line for its run.");
     const leg = el("p", {"class": "legend"}, b);
     el("span", {style: "color:" + TRAIN}, leg, "\u2501 train (seed mean \u00b1 band)");

@@ -121,6 +121,11 @@ def _runs_named(value) -> list[str]:
     return [str(r) for r in value]
 
 
+def _count(v) -> int:
+    f = _num(v)
+    return int(f) if math.isfinite(f) else 0
+
+
 def gates_by_variant(gates: pd.DataFrame | None, variants: list[str]) -> dict:
     """Each gate's verdict overall and per variant, with the runs it names in each.
 
@@ -143,14 +148,12 @@ def gates_by_variant(gates: pd.DataFrame | None, variants: list[str]) -> dict:
                 "gate": str(g.get("gate")),
                 "passed": bool(g.get("passed")),
                 "severity": str(g.get("severity") or "error"),
-                "violations": int(_num(g.get("violations")) or 0)
-                if math.isfinite(_num(g.get("violations")))
-                else 0,
+                "violations": _count(g.get("violations")),
                 "detail": str(g.get("detail") or ""),
                 "runs": per,
             }
         )
-    if gates is not None and "variant" in gates.columns:  # one row per (gate, variant)
+    if "variant" in gates.columns:  # one row per (gate, variant): merged per gate
         merged: dict[str, dict] = {}
         for g in out:
             m = merged.setdefault(g["gate"], {**g, "runs": {}, "violations": 0, "passed": True})
@@ -439,11 +442,11 @@ def gather(
     failures = None
     if completeness is not None and len(completeness):
         failures = completeness[completeness["status"].astype("string") != MATERIALIZED]
-    grid = [fits] + ([completeness] if completeness is not None else [])
+    cells = [fits] + ([completeness] if completeness is not None else [])
     return {
         "variants": variants,
-        "lrs": sorted({float(v) for df in grid for v in df["lr"].dropna()}),
-        "wds": sorted({float(v) for df in grid for v in df["weight_decay"].dropna()}),
+        "lrs": sorted({float(v) for df in cells for v in df["lr"].dropna()}),
+        "wds": sorted({float(v) for df in cells for v in df["weight_decay"].dropna()}),
         "runs": records(fits, RUN_COLUMNS),
         "verdicts": verdicts(hypotheses),
         "gates": gates_by_variant(gates, variants),

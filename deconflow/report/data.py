@@ -427,7 +427,9 @@ def gather(
     if missing:
         raise ReportInputError(f"run_fits lacks column(s) {', '.join(sorted(missing))}")
     if completeness is not None:
-        lacking = {"run_id", "status"} - set(completeness.columns)
+        lacking = {"run_id", "variant", "lr", "weight_decay", "seed", "status"} - set(
+            completeness.columns
+        )
         if lacking:
             raise ReportInputError(f"completeness lacks column(s) {', '.join(sorted(lacking))}")
     say(f"reading curves of {len(published)} published runs")

@@ -208,3 +208,12 @@ def test_bad_input_is_one_line_and_leaves_the_old_page(runs, tmp_path):
 def test_bins_shrink_with_the_sweep():
     assert rdata.n_bins(216) == rdata.MAX_BINS
     assert rdata.MIN_BINS <= rdata.n_bins(10_000) < rdata.MAX_BINS
+
+
+def test_a_missing_table_is_one_line_naming_it(tmp_path, monkeypatch):
+    from deconflow.report.build import build_from_tables
+
+    monkeypatch.setenv("DECONFLOW_DATA", str(tmp_path))
+    with pytest.raises(rdata.ReportInputError, match=r"table run_fits has not been computed"):
+        build_from_tables(tmp_path / "report" / "index.html", GRID)
+    assert not (tmp_path / "report" / "index.html").exists()

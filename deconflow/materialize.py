@@ -34,6 +34,7 @@ from deconflow.protocol import (
     FAILURE_CLASS_TAG,
     KIND_TAG,
     LAUNCHED_BY_TAG,
+    LIVE_STATUSES,
 )
 from deconflow.sweep import Cell
 
@@ -41,7 +42,7 @@ from deconflow.sweep import Cell
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 CANCEL_WAIT_S = 60.0  # for runs in flight to stop after Ctrl-C before they are killed
 CANCEL_MESSAGE = "the deconflow command that ran it was interrupted (Ctrl-C): cancelled"
-_LIVE = ("NOT_STARTED", "QUEUED", "STARTING", "STARTED", "CANCELING")
+_LIVE = LIVE_STATUSES
 
 
 def _quiet() -> None:

@@ -97,8 +97,8 @@ def _materialize_cell(key: str, launched_by: str, run_id: str) -> tuple[str, boo
     import dagster as dg
 
     from deconflow.definitions import defs
+    from deconflow.keys import parse_key
     from deconflow.partitions import partition_key
-    from deconflow.sweep import parse_key
 
     t0 = time.monotonic()
     asset = defs.get_repository_def().assets_defs_by_key[dg.AssetKey("training_run")]

@@ -159,9 +159,13 @@ def index_times(instance: dg.DagsterInstance) -> None:
     run_index.clear()
     from_file = timed()
     steady = statistics.median(timed() for _ in range(5))
+    wide_s, run_index.WIDE_S = run_index.WIDE_S, 0.0
+    wide = timed()  # the once-a-minute re-read of the last minute's updates
+    run_index.WIDE_S = wide_s
     print(
         f"index: rebuild from every run {rebuild:.2f}s (file {size / 1e6:.1f} MB), "
-        f"new process from the file {from_file:.3f}s, refresh in process {steady:.3f}s"
+        f"new process from the file {from_file:.3f}s, refresh in process {steady:.3f}s, "
+        f"once-a-minute wide refresh {wide:.3f}s"
     )
 
 

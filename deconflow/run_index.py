@@ -13,9 +13,9 @@ One cache policy, public Dagster APIs only:
   from the last one's view. The file is rewritten when something changed, at most every
   :data:`PERSIST_S` by a long-lived process (the code server's sensor).
 - A refresh asks the instance only for the runs updated since the newest update it has seen
-  (``RunsFilter(updated_after=...)``, less :data:`OVERLAP_S` for writers' clocks and commit
-  lag): a new run, a status change and new tags all move a run's update time. So its cost
-  follows what changed, not the sweep's history.
+  (``RunsFilter(updated_after=...)``; for writers' clocks and commit lag, once a minute from
+  :data:`OVERLAP_S` before): a new run, a status change and new tags all move a run's update
+  time. So its cost follows what changed, not the sweep's history.
 - Deleted runs are noticed by one count (``get_runs_count``): fewer runs than the index has
   seen means some were deleted, and the index is rebuilt from every run (also the first
   build, and on a new instance or storage).
@@ -53,7 +53,13 @@ from deconflow.protocol import (
 )
 from deconflow.settings import work_dir
 
-OVERLAP_S = 60.0  # a refresh re-reads the runs updated this long before the newest seen
+# A refresh re-reads the runs updated a little before the newest update it has seen
+# (NEAR_S), and once a minute (WIDE_S) those updated up to OVERLAP_S before the newest seen at
+# the previous wide read: an update committed late, or stamped by a writer whose clock lags,
+# shows within a minute, and a refresh in between costs only what changed.
+OVERLAP_S = 60.0
+NEAR_S = 2.0
+WIDE_S = 60.0
 PERSIST_S = 300.0  # a process rewrites the cache file at most this often (first call: now)
 VERSION = 1
 # Tags kept for a finished latest run (a run in flight keeps all of its tags: the watchdog
@@ -97,6 +103,8 @@ class _Index:
     runs: dict[str, list[str]] = field(default_factory=dict)  # cell -> its run ids
     others: list[str] = field(default_factory=list)  # run ids of runs without a cell
     cursor: float = 0.0  # the newest update time seen
+    wide_cursor: float = 0.0  # the cursor at the last wide re-read
+    wide_at: float = -1e18  # monotonic time of the last wide re-read (this process)
     owner: str = ""  # which instance and storage the index describes
     saved: float = -1e18  # monotonic time of the last write of the file (this process)
     mtime: float | None = None  # the file's mtime when this process last read or wrote it
@@ -211,13 +219,16 @@ def _refresh(index: _Index, instance: dg.DagsterInstance, owner: str) -> None:
     rebuild = index.owner != owner or not index.cursor
     if not rebuild and instance.get_runs_count(dg.RunsFilter()) < index.seen:
         rebuild = True  # runs were deleted
+    wide = rebuild or time.monotonic() - index.wide_at >= WIDE_S
     if rebuild:
         index.cells, index.runs, index.others, index.cursor = {}, {}, [], 0.0
         index.owner, index.dirty = owner, True
         filt = dg.RunsFilter()
     else:
-        after = dt.datetime.fromtimestamp(index.cursor - OVERLAP_S, dt.UTC)
-        filt = dg.RunsFilter(updated_after=after)
+        since = (index.wide_cursor or index.cursor) - OVERLAP_S if wide else index.cursor - NEAR_S
+        filt = dg.RunsFilter(updated_after=dt.datetime.fromtimestamp(since, dt.UTC))
+    if wide:
+        index.wide_cursor, index.wide_at = index.cursor, time.monotonic()
     for rec in instance.get_run_records(filt, ascending=True):
         if _take(index, rec):
             index.dirty = True

@@ -35,7 +35,6 @@ import dagster as dg
 from deconflow.atomic import atomic_write_json
 from deconflow.failures import CANCELLED as CANCELLED_CLASS
 from deconflow.failures import UNKNOWN
-from deconflow.keys import partition_of_cell_key
 from deconflow.protocol import (
     CANCELLED,
     CELL_TAG,
@@ -250,15 +249,6 @@ def latest_runs(instance: dg.DagsterInstance, cache: Path | None = None) -> dict
         return dict(index.cells)
 
 
-def flush(cache: Path | None = None) -> None:
-    """Write every index of this process that has changes (tests, process exit)."""
-    for key, index in list(_INDEXES.items()):
-        path = Path(key.rsplit("|", 1)[1])
-        if cache is None or path == Path(cache):
-            with index.lock:
-                _save(index, path, force=True)
-
-
 def clear() -> None:
     """Forget this process's indexes (the files stay)."""
     _INDEXES.clear()
@@ -299,8 +289,3 @@ def partition_states(
         for k, r in latest_runs(instance, cache).items()
         if r.tags.get(SWEEP_TAG, sweep) == sweep
     }
-
-
-def partition_of(run: LatestRun) -> str:
-    """The partition key string of a cell's latest run (from its cell key if untagged)."""
-    return run.partition or partition_of_cell_key(run.cell)

@@ -16,9 +16,9 @@ One cache policy, public Dagster APIs only:
   (``RunsFilter(updated_after=...)``; for writers' clocks and commit lag, once a minute from
   :data:`OVERLAP_S` before): a new run, a status change and new tags all move a run's update
   time. So its cost follows what changed, not the sweep's history.
-- Deleted runs are noticed by one count (``get_runs_count``): fewer runs than the index has
-  seen means some were deleted, and the index is rebuilt from every run (also the first
-  build, and on a new instance or storage).
+- Deleted runs are noticed by one count (``get_runs_count``, with the once-a-minute re-read):
+  fewer runs than the index has seen means some were deleted, and the index is rebuilt from
+  every run (also the first build, and on a new instance or storage).
 """
 
 from __future__ import annotations
@@ -216,9 +216,9 @@ def _take(index: _Index, rec) -> bool:
 
 def _refresh(index: _Index, instance: dg.DagsterInstance, owner: str) -> None:
     rebuild = index.owner != owner or not index.cursor
-    if not rebuild and instance.get_runs_count(dg.RunsFilter()) < index.seen:
-        rebuild = True  # runs were deleted
     wide = rebuild or time.monotonic() - index.wide_at >= WIDE_S
+    if wide and not rebuild and instance.get_runs_count(dg.RunsFilter()) < index.seen:
+        rebuild = True  # runs were deleted (looked for once a minute: a count of every run)
     if rebuild:
         index.cells, index.runs, index.others, index.cursor = {}, {}, [], 0.0
         index.owner, index.dirty = owner, True

@@ -63,8 +63,14 @@ PERSIST_S = 300.0  # a process rewrites the cache file at most this often (first
 VERSION = 1
 # Tags kept for a finished latest run (a run in flight keeps all of its tags: the watchdog
 # needs its compute tags to cancel it).
-KEPT_TAGS = (SWEEP_TAG, CELL_TAG, PARTITION_TAG, FAILURE_CLASS_TAG, FAILURE_REASON_TAG)
-KEPT_TAGS += (SLURM_JOB_TAG,)
+KEPT_TAGS = (
+    SWEEP_TAG,
+    CELL_TAG,
+    PARTITION_TAG,
+    FAILURE_CLASS_TAG,
+    FAILURE_REASON_TAG,
+    SLURM_JOB_TAG,
+)
 
 
 def _ts(value) -> float | None:

@@ -168,11 +168,11 @@ def _in_flight_info(lr: LatestRun) -> RunInfo:
     return RunInfo(lr.run_id, run_state(lr.status), dict(lr.tags), lr.started, lr.created)
 
 
-def _failed_unpartitioned_since(
+def _failed_since(
     instance: dg.DagsterInstance, since: float, limit: int = 200
-) -> list[tuple[str, float]]:
-    """(run id, update time) of runs without a partition that failed after ``since``, oldest
-    first (of at most ``limit`` failed runs read: the caller's watermark moves on)."""
+) -> list[tuple[str, float, bool]]:
+    """(run id, update time, has no partition) of at most ``limit`` runs that failed after
+    ``since``, oldest first (the caller's watermark moves on to the last one read)."""
     after = datetime.fromtimestamp(since, tz=UTC)
     recs = instance.get_run_records(
         dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], updated_after=after),
@@ -181,9 +181,12 @@ def _failed_unpartitioned_since(
         ascending=True,
     )
     return [
-        (r.dagster_run.run_id, ts_of(r.update_timestamp) or since)
+        (
+            r.dagster_run.run_id,
+            ts_of(r.update_timestamp) or since,
+            PARTITION_TAG not in r.dagster_run.tags,
+        )
         for r in recs
-        if PARTITION_TAG not in r.dagster_run.tags
     ]
 
 
@@ -313,12 +316,14 @@ def evaluate_tick(
 
     # ---- failed analysis runs since the watermark: one alert each
     since = cur.analysis_wm if cur.analysis_wm is not None else now - ANALYSIS_LOOKBACK_S
-    failed_runs = _failed_unpartitioned_since(instance, since, ANALYSIS_BATCH)
+    failed_runs = _failed_since(instance, since, ANALYSIS_BATCH)
     # Seen up to now (less a margin for writers' clocks and commit lag: a run seen twice is
     # alerted once), unless the batch was full: then up to the last one read.
     wm = failed_runs[-1][1] if len(failed_runs) >= ANALYSIS_BATCH else now - ANALYSIS_OVERLAP_S
     wm = max(since, wm)
-    for run_id, _updated in failed_runs:
+    for run_id, _updated, unpartitioned in failed_runs:
+        if not unpartitioned:
+            continue  # a training partition's run: handled above
         run = instance.get_run_by_id(run_id)
         if run is None or not is_analysis_run(run) or f"analysis:{run_id}" in cur.alerted:
             continue

@@ -140,6 +140,35 @@ def populate(
 _F = dg.DagsterRunStatus.FAILURE
 
 
+def index_times(instance: dg.DagsterInstance) -> None:
+    """The latest-run index (deconflow.run_index) alone: a rebuild from every run, a new
+    process starting from the index file, and a refresh in a process that holds it."""
+    from deconflow import run_index
+    from deconflow.protocol import STATE_CACHE
+    from deconflow.settings import work_dir
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        run_index.latest_runs(instance)
+        return time.perf_counter() - t0
+
+    run_index.clear()
+    (work_dir() / STATE_CACHE).unlink(missing_ok=True)
+    rebuild = timed()
+    size = (work_dir() / STATE_CACHE).stat().st_size
+    run_index.clear()
+    from_file = timed()
+    steady = statistics.median(timed() for _ in range(5))
+    wide_s, run_index.WIDE_S = run_index.WIDE_S, 0.0
+    wide = timed()  # the once-a-minute re-read of the last minute's updates
+    run_index.WIDE_S = wide_s
+    print(
+        f"index: rebuild from every run {rebuild:.2f}s (file {size / 1e6:.1f} MB), "
+        f"new process from the file {from_file:.3f}s, refresh in process {steady:.3f}s, "
+        f"once-a-minute wide refresh {wide:.3f}s"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", type=int, default=10_000)
@@ -188,6 +217,7 @@ def main() -> None:
             f"{statistics.median(steady):.3f} | {max(steady):.3f} | "
             f"{statistics.median(core):.3f} | {reqs} | {len(cursor or '')} |"
         )
+        index_times(instance)
         if args.baseline:
             t0 = time.perf_counter()
             recs = instance.get_run_records(

@@ -9,7 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from deconflow.sweep import Cell, GridError, load_grid, parse_key
+from deconflow.keys import parse_key
+from deconflow.sweep import Cell, GridError, load_grid
 
 
 def _cell_from_args(args: argparse.Namespace) -> Cell:

@@ -34,6 +34,7 @@ from deconflow.protocol import (
     FAILURE_CLASS_TAG,
     KIND_TAG,
     LAUNCHED_BY_TAG,
+    LIVE_STATUSES,
 )
 from deconflow.sweep import Cell
 
@@ -41,7 +42,7 @@ from deconflow.sweep import Cell
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 CANCEL_WAIT_S = 60.0  # for runs in flight to stop after Ctrl-C before they are killed
 CANCEL_MESSAGE = "the deconflow command that ran it was interrupted (Ctrl-C): cancelled"
-_LIVE = ("NOT_STARTED", "QUEUED", "STARTING", "STARTED", "CANCELING")
+_LIVE = LIVE_STATUSES
 
 
 def _quiet() -> None:
@@ -96,8 +97,8 @@ def _materialize_cell(key: str, launched_by: str, run_id: str) -> tuple[str, boo
     import dagster as dg
 
     from deconflow.definitions import defs
+    from deconflow.keys import parse_key
     from deconflow.partitions import partition_key
-    from deconflow.sweep import parse_key
 
     t0 = time.monotonic()
     asset = defs.get_repository_def().assets_defs_by_key[dg.AssetKey("training_run")]

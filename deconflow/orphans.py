@@ -20,13 +20,9 @@ import dagster as dg
 
 from deconflow import procs
 from deconflow.failures import ORCHESTRATOR_LOST
-from deconflow.protocol import FAILURE_CLASS_TAG, FAILURE_REASON_TAG, WORKER_TAG
+from deconflow.protocol import FAILURE_CLASS_TAG, FAILURE_REASON_TAG, STARTED_STATUSES, WORKER_TAG
 
-LIVE = [
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-]
+LIVE = [dg.DagsterRunStatus(s) for s in sorted(STARTED_STATUSES)]  # past the queue
 ORPHANED = ORCHESTRATOR_LOST  # the failure class of a run ended here: retried, re-attached
 
 

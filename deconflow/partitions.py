@@ -1,4 +1,4 @@
-"""The grid as Dagster partitions: ``variant`` x ``hp``.
+"""The grid as Dagster partitions: ``variant`` x ``hp`` (the key formats: deconflow.keys).
 
 Dagster's multi-partitions allow two dimensions, so lr, weight decay and seed share the
 ``hp`` dimension (``lr0.1_wd0.0001_s0``). That keeps whole variants selectable in the UI
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from deconflow.protocol import HP_DIM, VARIANT_DIM, cell_of_dims, cell_of_partition
+from deconflow.keys import HP_DIM, VARIANT_DIM, cell_of_dims, cell_of_partition, partition_dims
 from deconflow.sweep import Cell, Grid
 
 
@@ -23,7 +23,7 @@ def partitions_def(grid: Grid) -> dg.MultiPartitionsDefinition:
 
 
 def partition_key(cell: Cell) -> dg.MultiPartitionKey:
-    return dg.MultiPartitionKey({VARIANT_DIM: cell.variant, HP_DIM: cell.hp})
+    return dg.MultiPartitionKey(partition_dims(cell))
 
 
 def cell_for(key: str | dg.MultiPartitionKey) -> Cell:

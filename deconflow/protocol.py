@@ -2,14 +2,22 @@
 
 Run tags on Dagster runs, file names inside a run's work and published folders, metric
 families and their columns, the cell-status vocabulary, the Dagster-run-status -> cell
-status map, and partition key <-> cell conversion. Nothing else spells these literals.
+status map. Nothing else spells these literals. Key <-> cell conversions are owned by
+:mod:`deconflow.keys` (re-exported here for the modules that import them from the protocol).
 
 No Dagster, no torch: the training process, the orchestrator and the warehouse all import it.
 """
 
 from __future__ import annotations
 
-from deconflow.sweep import Cell, parse_key
+from deconflow.keys import (  # noqa: F401  (re-exported: owner deconflow.keys)
+    HP_DIM,
+    VARIANT_DIM,
+    cell_key_of_partition,
+    cell_of_dims,
+    cell_of_partition,
+    partition_key_str,
+)
 
 # --- run tags ---------------------------------------------------------------------------
 SWEEP_TAG = "deconflow/sweep"  # the grid's name: every training run of a sweep carries it
@@ -145,33 +153,7 @@ def cell_state(status) -> str:
     return FAILED if state in (FAILED, CANCELLED) else SUCCEEDED
 
 
-# --- partition keys ---------------------------------------------------------------------
-VARIANT_DIM, HP_DIM = "variant", "hp"
-
-
-def partition_key_str(cell: Cell) -> str:
-    """The string form of a cell's multi-partition key (``hp|variant``, Dagster's order)."""
-    return f"{cell.hp}|{cell.variant}"
-
-
-def cell_of_dims(dims: dict[str, str]) -> Cell:
-    return parse_key(f"{dims[VARIANT_DIM]}__{dims[HP_DIM]}")
-
-
-def cell_of_partition(key: str) -> Cell:
-    """The cell of a partition key string ``hp|variant``; GridError if it names none."""
-    hp, _, variant = str(key).partition("|")
-    return cell_of_dims({HP_DIM: hp, VARIANT_DIM: variant})
-
-
+# --- the cell of a run (keys: deconflow.keys) ----------------------------------------------
 def cell_key_of_tags(tags: dict[str, str]) -> str | None:
     """The cell a run belongs to: its cell tag, else its partition tag; None if neither."""
-    if tags.get(CELL_TAG):
-        return tags[CELL_TAG]
-    key = tags.get(PARTITION_TAG)
-    if not key or "|" not in key:
-        return None
-    try:
-        return cell_of_partition(key).key
-    except ValueError:
-        return None
+    return tags.get(CELL_TAG) or cell_key_of_partition(tags.get(PARTITION_TAG))

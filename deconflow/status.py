@@ -18,7 +18,7 @@ SYMBOLS = {MATERIALIZED: "#", DIVERGED: "D", RUNNING: "~", FAILED: "F", MISSING:
 
 def live_runs_table(grid: Grid, instance) -> pd.DataFrame:
     """The ``runs`` table as it stands now (Dagster instance + published run folders)."""
-    from deconflow.dagster_state import partition_states
+    from deconflow.run_index import partition_states
 
     published = publish_mod.published_runs(runs_dir(), grid)
     return tables_mod.runs_table(grid, published, partition_states(instance, grid.name))

@@ -1,17 +1,13 @@
-"""The sweep grid as data: cells, their stable keys, and grid files.
+"""The sweep grid as data: cells and grid files.
 
-A cell key looks like ``base__lr0.1_wd0.0001_s0``: the variant, a double underscore,
-then the hyper-parameter part. Both parts use only ``[A-Za-z0-9_.-]`` so the key is
-safe in a file path, a SLURM job name and a Dagster partition key. Numbers are
-written in their shortest positional form, so the key of a cell never changes when
-other values are added to the grid.
+A cell's key (``base__lr0.1_wd0.0001_s0``) and every other key <-> cell conversion are
+owned by :mod:`deconflow.keys`.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-import re
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -19,22 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
+# The key format and its parsing live in deconflow.keys; re-exported for the grid's users.
+from deconflow.keys import (  # noqa: F401
+    KEY_SEP,
+    GridError,
+    cell_key,
+    format_number,
+    hp_key,
+    parse_hp,
+    parse_key,
+)
+
 VARIANTS = ("base", "bn_off", "narrow", "adamw")
-KEY_SEP = "__"
-_PART_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_HP_RE = re.compile(r"^lr(?P<lr>[0-9.]+)_wd(?P<wd>[0-9.]+)_s(?P<seed>[0-9]+)$")
-
-
-class GridError(ValueError):
-    """Bad grid file, cell value or cell key; the message is one line for the user."""
-
-
-def format_number(x: float) -> str:
-    """Shortest positional form of a float: 0.0001, 0.1, 2 (never 1e-04)."""
-    if not np.isfinite(x):
-        raise GridError(f"number must be finite, got {x!r}")
-    s = np.format_float_positional(float(x), trim="-")
-    return s
 
 
 @dataclass(frozen=True, order=True)
@@ -67,11 +59,11 @@ class Cell:
     @property
     def hp(self) -> str:
         """Hyper-parameter part of the key, the ``hp`` partition dimension."""
-        return f"lr{format_number(self.lr)}_wd{format_number(self.weight_decay)}_s{self.seed}"
+        return hp_key(self.lr, self.weight_decay, self.seed)
 
     @property
     def key(self) -> str:
-        return f"{self.variant}{KEY_SEP}{self.hp}"
+        return cell_key(self.variant, self.hp)
 
     def as_dict(self) -> dict:
         return {
@@ -81,31 +73,6 @@ class Cell:
             "seed": self.seed,
             "key": self.key,
         }
-
-
-def parse_hp(hp: str) -> tuple[float, float, int]:
-    m = _HP_RE.match(hp)
-    if not m:
-        raise GridError(f"malformed hyper-parameter part {hp!r}; expected like 'lr0.1_wd0.0001_s0'")
-    try:
-        return float(m["lr"]), float(m["wd"]), int(m["seed"])
-    except ValueError as e:
-        raise GridError(f"malformed hyper-parameter part {hp!r}: {e}") from None
-
-
-def parse_key(key: str) -> Cell:
-    """Inverse of ``Cell.key``; rejects anything that would not round-trip."""
-    if not isinstance(key, str) or KEY_SEP not in key:
-        raise GridError(f"malformed cell key {key!r}; expected like 'base__lr0.1_wd0.0001_s0'")
-    variant, hp = key.split(KEY_SEP, 1)
-    for part in (variant, hp):
-        if not _PART_RE.match(part):
-            raise GridError(f"malformed cell key {key!r}: only [A-Za-z0-9_.-] allowed in parts")
-    lr, wd, seed = parse_hp(hp)
-    cell = Cell(variant, lr, wd, seed)
-    if cell.key != key:
-        raise GridError(f"malformed cell key {key!r}; its canonical form is {cell.key!r}")
-    return cell
 
 
 @dataclass(frozen=True)

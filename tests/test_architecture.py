@@ -16,6 +16,7 @@ PACKAGES = ("deconflow", "deconflow_dev")
 # Rooms of the runtime package and what each may import of deconflow. The base room is
 # the shared vocabulary (names, settings, the grid, atomic files); everything may use it.
 BASE = {
+    "keys",
     "protocol",
     "settings",
     "sweep",

@@ -7,8 +7,8 @@ import dagster as dg
 import pytest
 from dagster._core.test_utils import create_run_for_test
 
-from deconflow.dagster_state import partition_states
 from deconflow.protocol import CELL_TAG, FAILURE_CLASS_TAG, SWEEP_TAG
+from deconflow.run_index import partition_states
 from deconflow.sweep import load_grid
 
 GRID = load_grid()

@@ -18,13 +18,13 @@ from dataclasses import asdict, dataclass
 
 import dagster as dg
 
+from deconflow.keys import cell_of_partition
 from deconflow.protocol import (
     CELL_TAG,
     PARTITION_TAG,
     SWEEP_DB_ASSET,
     SWEEP_TAG,
     TRAINING_ASSET,
-    cell_of_partition,
 )
 
 TRAINING = dg.AssetKey(TRAINING_ASSET)

@@ -19,8 +19,8 @@ if TYPE_CHECKING:  # heavy libraries load in asset bodies, not in every run work
     import pandas as pd
 
 from deconflow.assets import freshness
-from deconflow.dagster_state import partition_states
 from deconflow.protocol import DIVERGED, MATERIALIZED
+from deconflow.run_index import partition_states
 from deconflow.settings import runs_dir, tables_dir
 from deconflow.sweep import Grid
 

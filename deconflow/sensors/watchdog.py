@@ -2,11 +2,11 @@
 
 A tick's cost does not grow with the sweep's history. It reads:
 
-- the latest run of every partition, in one query (:func:`latest_runs`: an index-only
-  ``GROUP BY partition`` in the run storage, SQLite or Postgres), as light rows;
-- the full records of the runs in flight (bounded by the run concurrency), with one heartbeat
-  read each, for the stuck rules (heartbeat age, no new step, the plan's "over an hour and
-  still before epoch 5");
+- the latest run of every cell from :mod:`deconflow.run_index` (the index that `deconflow
+  status` and the ``runs`` table read too; it asks the instance only for the runs updated
+  since its last look), the runs in flight with their tags;
+- one heartbeat read per run in flight, for the stuck rules (heartbeat age, no new step, the
+  plan's "over an hour and still before epoch 5");
 - the recent history of each cell whose latest run newly failed (one tag query per such cell;
   a handled failure is remembered in the cursor with its class, never read again);
 - failed analysis runs since a watermark in the cursor.
@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
+from deconflow.keys import partition_of_cell_key
 from deconflow.protocol import (
     ALERT_TAG,
     ANALYSIS_JOB,
@@ -37,22 +38,29 @@ from deconflow.protocol import (
     FAILURE_REASON_TAG,
     IN_PROGRESS_STATES,
     KIND_TAG,
+    LIVE_STATUSES,
     PARTITION_TAG,
     QUEUED,
-    RUN_STATES,
     SLURM_STATE_TAG,
     STARTED_STATUSES,
     STUCK_TAG,
+    SUCCEEDED,
     SWEEP_TAG,
     TRAIN_LOG,
     TRAINING_ASSET,
     TRAINING_JOB,
-    cell_of_partition,
-    partition_key_str,
     run_state,
 )
 from deconflow.resources.compute import ComputeResource, log_tail
+from deconflow.run_index import LatestRun, latest_runs
 from deconflow.sensors.alerts import AlertWebhook
+from deconflow.sensors.history import (
+    cell_history,
+    failure_from_events,
+    heartbeat_of,
+    stuck_reason,
+    ts_of,
+)
 from deconflow.sensors.policy import (
     USER_CANCELLED,
     Cursor,
@@ -61,23 +69,9 @@ from deconflow.sensors.policy import (
     decide,
     failure_class,
 )
-from deconflow.sensors.run_index import (
-    LatestRun,
-    cell_history,
-    failure_from_events,
-    heartbeat_of,
-    latest_runs,
-    run_info,
-    stuck_reason,
-    ts_of,
-)
 from deconflow.settings import work_dir
-from deconflow.sweep import Cell, Grid, GridError, parse_key
+from deconflow.sweep import Grid, GridError, parse_key
 
-_IN_PROGRESS = [dg.DagsterRunStatus(k) for k, v in RUN_STATES.items() if v in IN_PROGRESS_STATES]
-_STARTED = STARTED_STATUSES  # in flight and past the queue
-_LIVE = frozenset(s.value for s in _IN_PROGRESS)
-_SUCCESS = dg.DagsterRunStatus.SUCCESS.value
 ANALYSIS_LOOKBACK_S = 86400.0  # on a fresh cursor, analysis failures of the last day alert
 ANALYSIS_BATCH = 200  # failed unpartitioned runs read per tick
 ANALYSIS_OVERLAP_S = 60.0  # the watermark trails the tick by this much
@@ -116,7 +110,7 @@ def _alert(kind: str, cell: str, run: RunInfo | None, cls: str, attempts: int, r
     tail = log_tail(work_dir() / cell / TRAIN_LOG, 20) if cell else ""
     return {
         "kind": kind,
-        "partition": partition_key_str(parse_key(cell)) if cell else None,
+        "partition": partition_of_cell_key(cell) if cell else None,
         "cell": cell or None,
         "class": cls,
         "attempts": attempts,
@@ -138,100 +132,61 @@ def is_analysis_run(run: dg.DagsterRun) -> bool:
 
 
 @functools.lru_cache(maxsize=200_000)
-def _cell_of(partition: str) -> tuple[Cell, str] | None:
-    """(cell, cell key) of a partition key, parsed once per process (keys never change)."""
-    if "|" not in partition:
-        return None
+def _is_cell(key: str) -> bool:
+    """Whether a cell key names a cell (parsed once per process: keys never change)."""
     try:
-        cell = cell_of_partition(partition)
+        parse_key(key)
     except (GridError, ValueError):
-        return None
-    return cell, cell.key
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=8)
-def _grid_partitions(grid: Grid) -> dict[str, str]:
-    """Partition key -> cell key for every cell of a grid (built once per grid)."""
-    return {partition_key_str(c): c.key for c in grid.cells}
+def _grid_cells(grid: Grid) -> frozenset[str]:
+    return frozenset(c.key for c in grid.cells)
 
 
-def _cells_of(rows: list[tuple], grid: Grid | None) -> tuple[int, dict]:
-    """The number of cells in play, and the latest run of each cell whose latest run did not
-    succeed (in flight or failed): the only ones a tick looks at further."""
+def _cells_of(latest: dict[str, LatestRun], grid: Grid | None) -> tuple[int, dict]:
+    """The number of cells in play (training partitions, of the grid if given), and the
+    latest run of each whose latest run did not succeed (in flight or failed): the only
+    ones a tick looks at further."""
     n, active = 0, {}
-    keys = _grid_partitions(grid) if grid is not None else None
-    for partition, run_id, status, created, started in rows:
-        if keys is not None:
-            cell = keys.get(partition)
-        else:
-            parsed = _cell_of(partition)
-            cell = parsed[1] if parsed else None
-        if cell is None:
+    keys = _grid_cells(grid) if grid is not None else None
+    for cell, lr in latest.items():
+        if lr.partition is None:
+            continue  # not a training partition's run
+        if not (cell in keys if keys is not None else _is_cell(cell)):
             continue
         n += 1
-        if status != _SUCCESS:
-            active[cell] = LatestRun(run_id, status, partition, created, started)
+        if run_state(lr.status) != SUCCEEDED:
+            active[cell] = lr
     return n, active
 
 
-def _in_flight_infos(instance: dg.DagsterInstance, runs: list[LatestRun]) -> dict[str, RunInfo]:
-    """RunInfos of in-flight runs from their light rows and their tags (no run bodies)."""
-    from dagster._core.storage.runs.schema import RunTagsTable
-    from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
-    from dagster._core.storage.sqlalchemy_compat import db_select
-
-    storage = instance.run_storage
-    out: dict[str, RunInfo] = {}
-    if not isinstance(storage, SqlRunStorage):
-        ids = [lr.run_id for lr in runs]
-        for rec in instance.get_run_records(dg.RunsFilter(run_ids=ids), limit=len(ids)):
-            out[rec.dagster_run.run_id] = run_info(rec)
-        return out
-    for lr in runs:
-        out[lr.run_id] = RunInfo(lr.run_id, run_state(lr.status), {}, lr.start_time, lr.create_time)
-    ids = list(out)
-    for i in range(0, len(ids), 500):
-        query = db_select([RunTagsTable.c.run_id, RunTagsTable.c.key, RunTagsTable.c.value]).where(
-            RunTagsTable.c.run_id.in_(ids[i : i + 500])
-        )
-        for row in storage.fetchall(query):
-            out[row["run_id"]].tags[row["key"]] = row["value"]
-    return out
+def _in_flight_info(lr: LatestRun) -> RunInfo:
+    """A run in flight as the policies see it (the index keeps all its tags)."""
+    return RunInfo(lr.run_id, run_state(lr.status), dict(lr.tags), lr.started, lr.created)
 
 
-def _failed_unpartitioned_since(
+def _failed_since(
     instance: dg.DagsterInstance, since: float, limit: int = 200
-) -> list[tuple[str, float]]:
-    """(run id, update time) of runs without a partition that failed after ``since``, oldest
-    first: a range read on the (status, update time) index, never the whole history."""
-    from dagster._core.storage.runs.schema import RunsTable
-    from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
-    from dagster._core.storage.sqlalchemy_compat import db_select
-
+) -> list[tuple[str, float, bool]]:
+    """(run id, update time, has no partition) of at most ``limit`` runs that failed after
+    ``since``, oldest first (the caller's watermark moves on to the last one read)."""
     after = datetime.fromtimestamp(since, tz=UTC)
-    storage = instance.run_storage
-    if not isinstance(storage, SqlRunStorage):
-        recs = instance.get_run_records(
-            dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], updated_after=after),
-            limit=limit,
-            order_by="update_timestamp",
-            ascending=True,
-        )
-        return [
-            (r.dagster_run.run_id, ts_of(r.update_timestamp) or since)
-            for r in recs
-            if PARTITION_TAG not in r.dagster_run.tags
-        ]
-    query = (
-        db_select([RunsTable.c.run_id, RunsTable.c.update_timestamp])
-        .where(RunsTable.c.status == dg.DagsterRunStatus.FAILURE.value)
-        .where(RunsTable.c.update_timestamp > after.replace(tzinfo=None))
-        .where(RunsTable.c.partition.is_(None))
-        .order_by(RunsTable.c.update_timestamp.asc())
-        .limit(limit)
+    recs = instance.get_run_records(
+        dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], updated_after=after),
+        limit=limit,
+        order_by="update_timestamp",
+        ascending=True,
     )
     return [
-        (row["run_id"], ts_of(row["update_timestamp"]) or since) for row in storage.fetchall(query)
+        (
+            r.dagster_run.run_id,
+            ts_of(r.update_timestamp) or since,
+            PARTITION_TAG not in r.dagster_run.tags,
+        )
+        for r in recs
     ]
 
 
@@ -271,23 +226,22 @@ def evaluate_tick(
     in_play, cells = _cells_of(latest_runs(instance), grid)
     # Cells with a run in progress (a run queued behind a failed latest one shows in the
     # cell's history, read below before any retry).
-    busy = {c for c, lr in cells.items() if lr.status in _LIVE}
+    busy = {c for c, lr in cells.items() if lr.status in LIVE_STATUSES}
 
     # ---- in flight: queued too long (reported), stuck (cancelled, resumed next tick)
-    infos = _in_flight_infos(instance, [lr for lr in cells.values() if lr.status in _STARTED])
     work = work_dir()
     progress: dict[str, list] = {}
     for cell, lr in cells.items():
-        if lr.status not in _LIVE:
+        if lr.status not in LIVE_STATUSES:
             continue
-        run = infos.get(lr.run_id)
+        run = _in_flight_info(lr) if lr.status in STARTED_STATUSES else None
         slurm_pending = run is not None and run.tags.get(SLURM_STATE_TAG) == "PENDING"
         if run_state(lr.status) == QUEUED or slurm_pending:
-            since = (run.start_time if run else None) or lr.create_time or now
+            since = (run.start_time if run else None) or lr.created or now
             if now - since > settings.queued_after_s:
                 why = f"queued for {now - since:.0f}s (reported, not cancelled)"
                 rep.queued.append({"cell": cell, "run_id": lr.run_id, "for_s": now - since})
-                info = run or RunInfo(lr.run_id, QUEUED, {}, None, lr.create_time)
+                info = run or RunInfo(lr.run_id, QUEUED, {}, None, lr.created)
                 raise_alert(_alert("queued", cell, info, "queued", 0, why), f"queued:{lr.run_id}")
             continue
         if run is None or CELL_TAG not in run.tags:
@@ -362,12 +316,14 @@ def evaluate_tick(
 
     # ---- failed analysis runs since the watermark: one alert each
     since = cur.analysis_wm if cur.analysis_wm is not None else now - ANALYSIS_LOOKBACK_S
-    failed_runs = _failed_unpartitioned_since(instance, since, ANALYSIS_BATCH)
+    failed_runs = _failed_since(instance, since, ANALYSIS_BATCH)
     # Seen up to now (less a margin for writers' clocks and commit lag: a run seen twice is
     # alerted once), unless the batch was full: then up to the last one read.
     wm = failed_runs[-1][1] if len(failed_runs) >= ANALYSIS_BATCH else now - ANALYSIS_OVERLAP_S
     wm = max(since, wm)
-    for run_id, _updated in failed_runs:
+    for run_id, _updated, unpartitioned in failed_runs:
+        if not unpartitioned:
+            continue  # a training partition's run: handled above
         run = instance.get_run_by_id(run_id)
         if run is None or not is_analysis_run(run) or f"analysis:{run_id}" in cur.alerted:
             continue

@@ -1,43 +1,23 @@
-"""What the Dagster instance and the work folders say about training runs: the latest run
-of each partition (an index kept fresh by update time, so a tick costs what changed), a
-cell's history, a failed run's cause, and whether a running one still makes progress."""
+"""What the Dagster instance and the work folders say about a cell's training runs, beyond
+its latest run (that is :mod:`deconflow.run_index`): its history, a failed run's cause, and
+whether a running one still makes progress."""
 
 from __future__ import annotations
 
 import json
-import threading
-import time
-from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
 
 import dagster as dg
 
 from deconflow.failures import UNKNOWN, classify_log
-from deconflow.protocol import (
-    HEARTBEAT,
-    PARTITION_TAG,
-    SLURM_STATE_TAG,
-    TERMINAL_STATUSES,
-    run_state,
-)
+from deconflow.protocol import HEARTBEAT, PARTITION_TAG, SLURM_STATE_TAG, run_state
 from deconflow.sensors.policy import (
     RunInfo,
     WatchdogSettings,
 )
 
 HISTORY_LIMIT = 50  # runs read per newly failed cell: retries since its last success fit
-
-
-@dataclass
-class LatestRun:
-    """The latest run of one partition, as the light latest-run query returns it."""
-
-    run_id: str
-    status: str  # DagsterRunStatus value
-    partition: str
-    create_time: float | None = None
-    start_time: float | None = None
 
 
 def ts_of(value) -> float | None:
@@ -48,98 +28,6 @@ def ts_of(value) -> float | None:
     if value.tzinfo is None:  # the run storage keeps naive UTC
         value = value.replace(tzinfo=UTC)
     return value.timestamp()
-
-
-TERMINAL = TERMINAL_STATUSES
-REBUILD_S = 600.0  # the in-process index of latest runs is rebuilt from scratch this often
-
-
-class LatestIndex:
-    """Per partition its latest run ``(id, run id, status)``, kept in this process (the code
-    server) between ticks and brought up to date from what changed: runs created since the
-    last tick (ids above the highest seen: a primary-key range) and the status of latest runs
-    not yet finished (bounded by the runs in flight). A finished run's status never changes,
-    so nothing else needs reading; a full rebuild every ``REBUILD_S`` (and whenever the
-    storage looks reset) covers deleted runs."""
-
-    def __init__(self) -> None:
-        self.rows: dict[str, tuple[int, str, str]] = {}
-        self.max_id = 0
-        self.built = -1e18
-        self.lock = threading.Lock()
-
-
-_INDEXES: dict[str, LatestIndex] = {}
-
-
-def storage_key(storage) -> str | None:
-    """A stable name of a run storage's database (None for an in-memory one: not cached)."""
-    for attr in ("_conn_string", "postgres_url", "mysql_url"):
-        value = getattr(storage, attr, None)
-        if value and ":memory:" not in str(value):
-            return f"{type(storage).__name__}:{value}"
-    return None
-
-
-def latest_runs(instance: dg.DagsterInstance) -> list[tuple]:
-    """(partition, run id, status, created, started) of every partition's latest run; the two
-    times (epoch seconds) only for runs not finished (None otherwise).
-
-    On SQL run storages (SQLite, Postgres) the first call of a process, and one every
-    ``REBUILD_S``, is one ``GROUP BY partition`` over the storage's covering index of
-    partitions (never a read of run bodies); the calls between read only what changed (see
-    :class:`LatestIndex`). Other storages: Dagster's run-partition data.
-    """
-    from dagster._core.storage.runs.schema import RunsTable
-    from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
-    from dagster._core.storage.sqlalchemy_compat import db_select
-    from sqlalchemy import func
-
-    storage = instance.run_storage
-    if not isinstance(storage, SqlRunStorage):
-        return [  # newest first per partition
-            (d.partition, d.run_id, d.status.value, None, d.start_time)
-            for d in instance.get_run_partition_data(dg.RunsFilter())
-        ]
-    key = storage_key(storage)
-    index = _INDEXES.setdefault(key, LatestIndex()) if key else LatestIndex()
-    cols = [RunsTable.c.id, RunsTable.c.partition, RunsTable.c.run_id, RunsTable.c.status]
-    times: dict[str, tuple] = {}
-    with index.lock, storage.connect() as conn:
-        top = conn.execute(db_select([func.max(RunsTable.c.id)])).scalar() or 0
-        if time.monotonic() - index.built > REBUILD_S or top < index.max_id:
-            newest = (
-                db_select([func.max(RunsTable.c.id)])
-                .where(RunsTable.c.partition.isnot(None))
-                .group_by(RunsTable.c.partition)
-            )
-            rows = conn.execute(db_select(cols).where(RunsTable.c.id.in_(newest))).fetchall()
-            index.rows = {p: (i, r, st) for i, p, r, st in rows}
-            index.built = time.monotonic()
-        else:
-            new = conn.execute(
-                db_select(cols)
-                .where(RunsTable.c.id > index.max_id)
-                .where(RunsTable.c.partition.isnot(None))
-                .order_by(RunsTable.c.id.asc())
-            ).fetchall()
-            for i, p, r, st in new:
-                index.rows[p] = (i, r, st)
-        index.max_id = top
-        # The latest runs not finished: their status now, and their times.
-        live = {r: p for p, (_, r, st) in index.rows.items() if st not in TERMINAL}
-        ids = list(live)
-        live_cols = [RunsTable.c.run_id, RunsTable.c.status, RunsTable.c.create_timestamp]
-        if storage.has_run_stats_index_cols():
-            live_cols.append(RunsTable.c.start_time)
-        for k in range(0, len(ids), 500):
-            query = db_select(live_cols).where(RunsTable.c.run_id.in_(ids[k : k + 500]))
-            for row in conn.execute(query).fetchall():
-                r, st = row[0], row[1]
-                index.rows[live[r]] = (index.rows[live[r]][0], r, st)
-                times[r] = (ts_of(row[2]), ts_of(row[3]) if len(row) > 3 else None)
-        none = (None, None)
-        return [(p, r, st, *times.get(r, none)) for p, (_, r, st) in index.rows.items()]
 
 
 def run_info(rec) -> RunInfo:

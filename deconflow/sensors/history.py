@@ -113,6 +113,11 @@ def stuck_reason(
     ``slow_after_s`` and still before ``slow_before_epoch`` of ``slow_of_epochs`` epochs
     (scaled to the run's own length).
     """
+    state = run.tags.get(SLURM_STATE_TAG)
+    if state == "PENDING":
+        # Queued ahead of a free slot (DECONFLOW_SLURM_QUEUE_DEPTH): no training yet, so no
+        # heartbeat to miss, however long SLURM keeps it waiting.
+        return None, None
     started = run.start_time or run.create_time or now
     try:
         beat_time = float(beat["time"])
@@ -121,7 +126,6 @@ def stuck_reason(
     idle = now - max(beat_time, started)
     if idle > settings.stuck_after_s:
         return f"no heartbeat for {idle:.0f}s (no training progress)", entry
-    state = run.tags.get(SLURM_STATE_TAG)
     if state is not None and state != "RUNNING":
         return None, None  # configuring, completing, suspended: its clocks start over
     step = beat.get("step")

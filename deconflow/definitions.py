@@ -23,11 +23,15 @@ DEFAULT_OWNERS = "team:deconflow"
 
 
 def training_code_version() -> str:
-    """Hash of the training code (``deconflow/training/*.py`` and ``profiles.py``): a change
+    """Hash of the training code (``deconflow/training/*.py``, ``profiles.py`` and
+    ``schedule.py``): a change
     marks every ``training_run`` partition as changed in the UI. Read as bytes: nothing of
     torch is imported here."""
     h = hashlib.sha256()
-    for p in sorted((PACKAGE / "training").glob("*.py")) + [PACKAGE / "profiles.py"]:
+    for p in sorted((PACKAGE / "training").glob("*.py")) + [
+        PACKAGE / "profiles.py",
+        PACKAGE / "schedule.py",
+    ]:
         h.update(p.name.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()[:12]
 

@@ -14,7 +14,7 @@ from deconflow.parquet_io import write_parquet
 from deconflow.profiles import get_profile
 from deconflow.protocol import COMPLETED, DIVERGED, FAMILIES, SUMMARY, family_file
 from deconflow.sweep import Cell
-from deconflow.training.schedule import Schedule
+from deconflow.schedule import Schedule
 
 SPE = 11  # steps per epoch of the demo profile (digits, batch 128)
 

@@ -41,7 +41,7 @@ from deconflow.training.checkpoints import (
 from deconflow.training.data import load_dataset
 from deconflow.training.metrics_io import MetricLog
 from deconflow.training.model import build_model
-from deconflow.training.schedule import Schedule, lr_at
+from deconflow.schedule import Schedule, lr_at
 from deconflow.training.summary import summarize
 
 LN2 = math.log(2.0)

@@ -23,10 +23,9 @@ DEFAULT_OWNERS = "team:deconflow"
 
 
 def training_code_version() -> str:
-    """Hash of the training code (``deconflow/training/*.py``, ``profiles.py`` and
-    ``schedule.py``): a change
-    marks every ``training_run`` partition as changed in the UI. Read as bytes: nothing of
-    torch is imported here."""
+    """Hash of the training code (``deconflow/training/*.py``, ``profiles.py``,
+    ``schedule.py``): a change marks every ``training_run`` partition as changed in the UI.
+    Read as bytes: nothing of torch is imported here."""
     h = hashlib.sha256()
     for p in sorted((PACKAGE / "training").glob("*.py")) + [
         PACKAGE / "profiles.py",

@@ -13,8 +13,8 @@ import pandas as pd
 from deconflow.parquet_io import write_parquet
 from deconflow.profiles import get_profile
 from deconflow.protocol import COMPLETED, DIVERGED, FAMILIES, SUMMARY, family_file
-from deconflow.sweep import Cell
 from deconflow.schedule import Schedule
+from deconflow.sweep import Cell
 
 SPE = 11  # steps per epoch of the demo profile (digits, batch 128)
 

@@ -29,6 +29,7 @@ from deconflow.protocol import (
     HEARTBEAT,
     SUMMARY,
 )
+from deconflow.schedule import Schedule, lr_at
 from deconflow.sweep import Cell
 from deconflow.training import monitors
 from deconflow.training.augment import normalize, random_resized_crop_flip, to_float
@@ -41,7 +42,6 @@ from deconflow.training.checkpoints import (
 from deconflow.training.data import load_dataset
 from deconflow.training.metrics_io import MetricLog
 from deconflow.training.model import build_model
-from deconflow.schedule import Schedule, lr_at
 from deconflow.training.summary import summarize
 
 LN2 = math.log(2.0)

@@ -26,8 +26,8 @@ import pandas as pd
 
 from deconflow.profiles import TrainConfig, get_profile
 from deconflow.protocol import COMPLETED, FAMILIES
-from deconflow.sweep import GridError, parse_key
 from deconflow.schedule import Schedule
+from deconflow.sweep import GridError, parse_key
 from deconflow.warehouse.database import connect_readonly
 
 LOSS_RANGE = (0.0, 10.0)  # nats (SPEC section 4)

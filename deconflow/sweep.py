@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deconflow import settings as _settings
+
 VARIANTS = ("base", "bn_off", "narrow", "adamw")
 KEY_SEP = "__"
 _PART_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -222,7 +224,7 @@ def grid_from_dict(data: dict, source: str = "<grid>") -> Grid:
 
 def default_grid_path() -> Path:
     """``$DECONFLOW_GRID`` if set, else the grid file shipped in the package."""
-    env = os.environ.get("DECONFLOW_GRID")
+    env = _settings.get("DECONFLOW_GRID")
     if env:
         return Path(env)
     return Path(str(resources.files("deconflow") / "grid.toml"))

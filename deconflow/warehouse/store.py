@@ -45,12 +45,15 @@ class WriterBusy(WarehouseError):
     pass
 
 
-def env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
+def env_number(name: str, default: float | None = None) -> float:
+    """A numeric ``DECONFLOW_DB_*`` setting (checked by :mod:`deconflow.settings`)."""
+    from deconflow import settings
+
     try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise WarehouseError(f"{name} must be a number, got {raw!r}") from None
+        value = settings.get(name)
+    except settings.SettingError as e:
+        raise WarehouseError(str(e)) from None
+    return default if value is None else value
 
 
 # --- where things are ---------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Layout, for the default ``data/deconflow.duckdb``::
 
-    data/deconflow.duckdb         what users open (read-only, mode 0444): a copy of the current
-                                  snapshot, replaced whole (os.replace) by every publication
+    data/deconflow.duckdb         what users open (read-only, 0444 less the umask): a copy of the
+                                  current snapshot, replaced whole (os.replace) by every publication
     data/deconflow.warehouse/
       CURRENT                     name of the current snapshot; deconflow's own readers open it
       snapshots/<seq>.duckdb      small DuckDB files: the analysis tables as real tables, the
@@ -40,7 +40,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from deconflow.atomic import atomic_write_bytes
+from deconflow.atomic import atomic_write_bytes, current_umask
 from deconflow.protocol import FAMILIES, SUMMARY
 from deconflow.warehouse.compaction import compact, retire_dead_units
 from deconflow.warehouse.store import (  # noqa: F401  (re-exported: the public API)
@@ -56,6 +56,7 @@ from deconflow.warehouse.store import (  # noqa: F401  (re-exported: the public 
     WriterBusy,
     cell_signature,
     connect_readonly,
+    connect_writable,
     disk_full_error,
     empty_select,
     env_number,
@@ -67,6 +68,7 @@ from deconflow.warehouse.store import (  # noqa: F401  (re-exported: the public 
     make_cell_part,
     save_manifest,
     scan_published,
+    set_search_path,
     snapshot_path,
     sql_str,
     store_dir,
@@ -83,10 +85,12 @@ def _write_snapshot(
     uids = unit_order(manifest)
     live_map = live_units_of(manifest)
     counts: dict[str, int] = {}
-    con = duckdb.connect(str(path))
+    con = connect_writable(path)
     try:
+        set_search_path(con, store.parent / "x.duckdb")  # binds the views' relative paths
         for family in FAMILIES:
-            sql = family_select(store, manifest, family, uids, live_map) or empty_select(family)
+            sql = family_select(store, manifest, family, uids, live_map, base=store.parent)
+            sql = sql or empty_select(family)
             con.execute(f"CREATE VIEW {family} AS {sql}")
             counts[family] = sum(
                 c.get("rows", {}).get(family, 0) for c in manifest["cells"].values()
@@ -405,7 +409,7 @@ def _commit(db_path, store, manifest, tables, info, log, timings) -> dict:
     # with the old publication intact.
     user_tmp = db_path.with_name(f".{db_path.name}.{uuid.uuid4().hex[:8]}.tmp")
     shutil.copyfile(tmp_snap, user_tmp)
-    os.chmod(user_tmp, 0o444)
+    os.chmod(user_tmp, 0o444 & ~current_umask())  # read-only; readable as the umask says
     _fsync_file(user_tmp)
     snap = store / "snapshots" / f"{seq}.duckdb"
     os.rename(tmp_snap, snap)

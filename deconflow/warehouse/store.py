@@ -29,6 +29,10 @@ KEEP_SNAPSHOTS = 3
 SNAPSHOT_GRACE_S = 120
 KEEP_REPLACED = 5
 PUBLICATION_TABLE = "publication"
+# Snapshots are written in a storage format that the documented `duckdb` CLI (pip
+# duckdb-cli 1.5.x, which reads storage versions up to v1.5) opens; Python duckdb 2.0 would
+# otherwise write a newer one that CLI refuses.
+STORAGE_VERSION = "v1.5.0"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
@@ -75,14 +79,34 @@ def snapshot_path(db_path: Path) -> Path:
     return path if path.exists() else db_path
 
 
+def connect_writable(path: Path) -> duckdb.DuckDBPyConnection:
+    """A new snapshot file: in the CLI-readable storage format, relative paths resolved
+    against the folder of the user-facing database (the snapshot's store's parent)."""
+    con = duckdb.connect(str(path), config={"storage_compatibility_version": STORAGE_VERSION})
+    return con
+
+
+def set_search_path(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
+    """The views name their Parquet parts relative to the database file's folder (so the
+    data folder can be copied or moved): resolve them there, wherever the process runs."""
+    con.execute(f"SET file_search_path = {sql_str(Path(db_path).resolve().parent)}")
+
+
 def connect_readonly(db_path: Path) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the current snapshot: never blocked by a user's session."""
+    """A read-only connection to the current snapshot: never blocked by a user's session.
+
+    The metric views read ``deconflow.warehouse/parts/...`` relative to the folder of
+    ``db_path``; this connection resolves them there (``file_search_path``). Another
+    program does the same with ``SET file_search_path = '<data folder>'``, or by running
+    in the data folder (``cd data && duckdb -readonly deconflow.duckdb``)."""
     for attempt in range(3):
         path = snapshot_path(db_path)
         if not path.exists():
             raise FileNotFoundError(f"no database at {db_path}")
         try:
-            return duckdb.connect(str(path), read_only=True)
+            con = duckdb.connect(str(path), read_only=True)
+            set_search_path(con, db_path)
+            return con
         except duckdb.IOException:
             # A snapshot retired between reading CURRENT and opening it: read CURRENT again.
             if attempt == 2 or snapshot_path(db_path) == path:
@@ -317,9 +341,17 @@ def empty_select(family: str) -> str:
 
 
 def family_select(
-    store: Path, manifest: dict, family: str, uids: list[str], live_map: dict
+    store: Path,
+    manifest: dict,
+    family: str,
+    uids: list[str],
+    live_map: dict,
+    base: Path | None = None,
 ) -> str | None:
-    """SELECT of the live rows of ``family`` in the given units (None if there are none)."""
+    """SELECT of the live rows of ``family`` in the given units (None if there are none).
+
+    With ``base``, file paths are written relative to it (the views of a snapshot: relative
+    to the database file's folder, so a moved data folder reads its own parts)."""
     clean, parts = [], []
     for uid in uids:
         unit = manifest["units"][uid]
@@ -329,7 +361,7 @@ def family_select(
         live = live_map.get(uid, [])
         if not live:
             continue
-        path = sql_str(store / rel)
+        path = sql_str(os.path.relpath(store / rel, base) if base else store / rel)
         if len(live) == len(unit["members"]):
             clean.append(path)
         else:  # a segment holding superseded cells: read only the cells still current there

@@ -63,7 +63,7 @@ def _leftovers(db: Path) -> list[str]:
 
 
 def _count(path: Path) -> int:
-    con = duckdb.connect(str(path), read_only=True)
+    con = duckdb.connect(str(path), read_only=True, config={"file_search_path": str(path.parent)})
     try:
         return con.execute("SELECT count(DISTINCT run_id) FROM batch_metrics").fetchone()[0]
     finally:
@@ -253,7 +253,9 @@ def test_readers_never_fail_during_publications(data, monkeypatch):
         while not stop.is_set():
             try:
                 if user_path:
-                    con = duckdb.connect(str(db), read_only=True)
+                    con = duckdb.connect(
+                        str(db), read_only=True, config={"file_search_path": str(db.parent)}
+                    )
                 else:
                     from deconflow.warehouse.database import connect_readonly
 
@@ -285,7 +287,7 @@ def test_readers_never_fail_during_publications(data, monkeypatch):
             t.join()
     assert problems == [], problems[:5]
     assert reads[0] > 20
-    con = duckdb.connect(str(db), read_only=True)
+    con = duckdb.connect(str(db), read_only=True, config={"file_search_path": str(db.parent)})
     dups = con.execute(
         "SELECT run_id, step FROM batch_metrics GROUP BY 1, 2 HAVING count(*) > 1 LIMIT 1"
     ).fetchall()
@@ -335,7 +337,7 @@ try:
 except DiskFullError as e:
     print("RESULT " + str(e))
 import duckdb
-con = duckdb.connect(str(db), read_only=True)
+con = duckdb.connect(str(db), read_only=True, config={"file_search_path": str(db.parent)})
 print("OLD", con.execute("SELECT count(DISTINCT run_id) FROM batch_metrics").fetchone()[0])
 con.close()
 left = [p.name for p in root.glob(".deconflow.duckdb.*")]
@@ -344,7 +346,7 @@ left += [p.name for p in tmp.iterdir()] if tmp.exists() else []
 print("LEFT", left)
 filler.unlink()
 publish_database(db, runs, tables())
-con = duckdb.connect(str(db), read_only=True)
+con = duckdb.connect(str(db), read_only=True, config={"file_search_path": str(db.parent)})
 print("NEW", con.execute("SELECT count(DISTINCT run_id) FROM batch_metrics").fetchone()[0])
 """
 

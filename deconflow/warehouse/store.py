@@ -164,7 +164,7 @@ def writer_lock(store: Path, timeout_s: float | None = None) -> Iterator[None]:
         timeout_s = env_number("DECONFLOW_DB_LOCK_TIMEOUT_S", DEFAULT_LOCK_TIMEOUT_S)
     store.mkdir(parents=True, exist_ok=True)
     path = store / "writer.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask: a lab group shares it
     try:
         t0 = time.monotonic()
         while True:

@@ -89,7 +89,16 @@ def connect_writable(path: Path) -> duckdb.DuckDBPyConnection:
 def set_search_path(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
     """The views name their Parquet parts relative to the database file's folder (so the
     data folder can be copied or moved): resolve them there, wherever the process runs."""
-    con.execute(f"SET file_search_path = {sql_str(Path(db_path).resolve().parent)}")
+    con.execute(f"SET file_search_path = {sql_str(folder_of(db_path))}")
+
+
+def folder_of(db_path: Path) -> Path:
+    """The folder the views' relative paths start from: the user-facing file's folder, also
+    when ``db_path`` is one of its snapshots (``<db>.warehouse/snapshots/<seq>.duckdb``)."""
+    path = Path(db_path).resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.endswith(".warehouse"):
+        return path.parent.parent.parent
+    return path.parent
 
 
 def connect_readonly(db_path: Path) -> duckdb.DuckDBPyConnection:

@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
         "dev",
         help="dagster dev with the persistent DAGSTER_HOME; every option goes to dagster dev "
         "(e.g. deconflow dev --port 3001 --host 0.0.0.0)",
+        description="Start `dagster dev` on deconflow's code and persistent instance "
+        "(DAGSTER_HOME=$DECONFLOW_DATA/dagster_home). Everything after `dev`, -h included, "
+        "goes to dagster dev.",
     )
     v.add_argument(
         "dagster_args", nargs=argparse.REMAINDER, help="options passed to dagster dev as they are"

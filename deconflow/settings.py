@@ -360,7 +360,7 @@ def parse(name: str, raw: str | None) -> Any:
     """The typed value of ``raw`` for setting ``name`` (None/empty: the default)."""
     s = SETTINGS[name]
     if raw is None or (raw == "" and s.kind != "str"):
-        return s.default
+        return json.loads(s.default) if s.kind == "json" else s.default
     if s.kind in ("str", "url"):
         if s.kind == "url":
             scheme, sep, _ = raw.partition("://")

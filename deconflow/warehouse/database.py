@@ -40,6 +40,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from deconflow import datadict
 from deconflow.atomic import atomic_write_bytes, current_umask
 from deconflow.protocol import FAMILIES, SUMMARY
 from deconflow.warehouse.compaction import compact, retire_dead_units
@@ -103,10 +104,29 @@ def _write_snapshot(
         con.register("_df", _publication_frame(info))
         con.execute(f"CREATE TABLE {PUBLICATION_TABLE} AS SELECT * FROM _df")
         con.unregister("_df")
+        _comment(con)
         con.execute("CHECKPOINT")
     finally:
         con.close()
     return counts
+
+
+def _comment(con: duckdb.DuckDBPyConnection) -> None:
+    """The data dictionary (deconflow/datadict.py) as COMMENT ON every table, view and
+    column it describes: `duckdb_tables()`, `duckdb_columns()` and the CLI show it."""
+    have: dict[str, set[str]] = {}
+    for table, column in con.execute(
+        "SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal"
+    ).fetchall():
+        have.setdefault(table, set()).add(column)
+    for name, table in datadict.TABLES.items():
+        if name not in have:
+            continue
+        kind = "VIEW" if table.view else "TABLE"
+        con.execute(f'COMMENT ON {kind} "{name}" IS {sql_str(table.summary)}')
+        for column, doc in table.columns.items():
+            if column in have[name]:
+                con.execute(f'COMMENT ON COLUMN "{name}"."{column}" IS {sql_str(doc)}')
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from deconflow.analysis.fits import fit_run
+from deconflow.datadict import FIT_COLUMN_DOCS
 from deconflow.profiles import PLAN_EPOCHS, get_profile, scaled_windows
 from deconflow.protocol import (
     DIVERGED,
@@ -23,63 +24,7 @@ from deconflow.protocol import (
 from deconflow.sweep import Grid, GridError, parse_key
 from deconflow.warehouse.publish import read_summary
 
-# run_fits: the plan's columns first (SPEC section 5), then the noise-aware fit columns.
-# Each column's meaning; README's data dictionary and the export's metadata say the same.
-FIT_COLUMN_DOCS: dict[str, tuple[str, str]] = {
-    "run_id": ("string", "cell key"),
-    "variant": ("string", "base, bn_off, narrow or adamw"),
-    "seed": ("int64", "seed of the cell"),
-    "lr": ("float64", "peak learning rate of the cell"),
-    "weight_decay": ("float64", "weight decay of the cell"),
-    "r_squared": (
-        "Float64",
-        "R² of the plan's power law: log L = log a + b log t by least squares over every "
-        "per-batch train loss from the burn-in step on (null: no burn-in)",
-    ),
-    "knee_epoch": (
-        "Float64",
-        "fractional epoch of the first step with train CE <= 1.0 (null: no burn-in)",
-    ),
-    "burn_in_loss": ("Float64", "train CE at that step"),
-    "alpha_early": (
-        "Float64",
-        "least-squares slope (nats/epoch) of the per-epoch mean train loss over the "
-        "profile's early window (alpha_early_from..alpha_early_to; the plan's 5-15 of 50)",
-    ),
-    "alpha_full": (
-        "Float64",
-        "the same slope from burn-in to the end: per-epoch means of the batches at or after "
-        "the burn-in step, each at the mean epoch of its batches (null: no burn-in)",
-    ),
-    "best_val_ce": ("Float64", "lowest validation CE within the profile's epochs"),
-    "best_val_epoch": ("Float64", "fractional epoch where it first occurs"),
-    "exponent": ("Float64", "b of the raw power-law fit (negative: a falling loss)"),
-    "intercept": ("Float64", "log a of the raw power-law fit (natural log)"),
-    "n_points": ("int64", "batches in the raw fit (0: no burn-in)"),
-    "outcome": ("string", "completed or diverged"),
-    "r_squared_ceiling": (
-        "Float64",
-        "noise ceiling of r_squared: 1 - noise_var / Var(log L) over the fitted points, "
-        "clipped to [0, 1]; the highest R² any smooth curve reaches on this noise",
-    ),
-    "noise_var": (
-        "Float64",
-        "batch-to-batch noise variance of log L after burn-in, from second differences: "
-        "sum((y[i-1] - 2 y[i] + y[i+1])²) / (6 (n - 2))",
-    ),
-    "r_squared_epoch_mean": (
-        "Float64",
-        "R² of the same power law fitted to the post-burn-in per-epoch mean losses against "
-        "the mean step of each epoch's batches",
-    ),
-    "exponent_epoch_mean": ("Float64", "b of that per-epoch-mean fit"),
-    "intercept_epoch_mean": ("Float64", "log a of that per-epoch-mean fit"),
-    "n_epoch_means": ("int64", "epochs in that fit (the knee's partial epoch counts)"),
-    "burn_in_step": ("Int64", "the burn-in step (null: no burn-in)"),
-    "alpha_early_from": ("int64", "first epoch of the alpha_early window"),
-    "alpha_early_to": ("int64", "last epoch of the alpha_early window (inclusive)"),
-    "profile": ("string", "training profile of the run"),
-}
+# run_fits: columns, types and meanings in the one data dictionary (deconflow/datadict.py).
 FIT_COLUMNS = list(FIT_COLUMN_DOCS)
 FIT_DTYPES = {c: t for c, (t, _) in FIT_COLUMN_DOCS.items()}
 

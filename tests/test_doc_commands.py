@@ -173,11 +173,10 @@ def _run(cmd: str, cwd: Path, env: dict, timeout: float) -> tuple[bool, str]:
         text=True,
         start_new_session=True,
     )
-    if proc.stdin is not None:  # an interactive duckdb: a query, then end of input
-        proc.stdin.write("SELECT count(*) FROM batch_metrics;\n")
-        proc.stdin.close()
+    # An interactive duckdb gets a query on its input, then end of input.
+    query = "SELECT count(*) FROM batch_metrics;\n" if proc.stdin is not None else None
     try:
-        out, _ = proc.communicate(timeout=SERVE_S if serving else timeout)
+        out, _ = proc.communicate(query, timeout=SERVE_S if serving else timeout)
         return proc.returncode == 0, out[-3000:]
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)

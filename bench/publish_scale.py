@@ -33,6 +33,7 @@ import pandas as pd
 
 from bench.analysis_scale import synth_run
 from deconflow.sweep import grid_from_dict
+from deconflow.warehouse.database import connect_readonly
 
 PER_VARIANT = (
     "SELECT r.variant, avg(b.loss_nats) FROM batch_metrics b JOIN runs r USING (run_id) GROUP BY 1"
@@ -235,11 +236,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     # Readers.
-    import duckdb
 
     def q(sql: str) -> float:
         t0 = time.perf_counter()
-        con = duckdb.connect(str(db), read_only=True)
+        con = connect_readonly(db)
         con.execute(sql).fetchall()
         con.close()
         return time.perf_counter() - t0

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from deconflow.protocol import WORKER_TAG  # noqa: E402
+from deconflow.warehouse.database import connect_readonly
 
 LAUNCH_BACKFILL = """
 mutation($params: LaunchBackfillParams!) {
@@ -379,7 +380,6 @@ def main() -> int:
 
 def collect(instance, env, data, url, grid, orch, t0, wall, restarted_at, restart_gap) -> dict:
     import dagster as dg
-    import duckdb
     import psycopg2
 
     from deconflow.protocol import FAMILIES, SUMMARY
@@ -439,7 +439,7 @@ def collect(instance, env, data, url, grid, orch, t0, wall, restarted_at, restar
     dup = {}
     counts = {}
     if db.exists():
-        c = duckdb.connect(str(db), read_only=True)
+        c = connect_readonly(db)
         for fam in FAMILIES:
             counts[fam] = c.execute(f"SELECT count(DISTINCT run_id) FROM {fam}").fetchone()[0]
             dup[fam] = c.execute(

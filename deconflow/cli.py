@@ -1,4 +1,6 @@
-"""The ``deconflow`` command: train one cell, list the grid, run the demo, query DuckDB."""
+"""The ``deconflow`` command: train one cell, list the grid, run the demo, query DuckDB.
+
+Only ``train`` imports torch: every other command starts in well under a second."""
 
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ def _cell_from_args(args: argparse.Namespace) -> Cell:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from deconflow.profiles import get_profile
+    from deconflow import settings
+    from deconflow.profiles import profile_from_env
 
     cell = _cell_from_args(args)
+    settings.get("DECONFLOW_TORCH_THREADS")  # a bad value: one line, before torch loads
     overrides = {}
     if args.data_dir:
         overrides["data_dir"] = args.data_dir
@@ -38,7 +42,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides["grad_accum"] = args.grad_accum
     if args.device is not None:
         overrides["device"] = args.device
-    cfg = get_profile(args.profile, **overrides)  # validates every value
+    # The profile and DECONFLOW_TRAIN_OVERRIDES as the sweep uses them; flags win.
+    cfg = profile_from_env(args.profile, **overrides)  # validates every value
     # Validate the data before anything is written.
     from deconflow.training.data import load_dataset
 
@@ -143,38 +148,62 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from deconflow.settings import data_root
+
+    root = data_root()
+    if not root.is_dir():  # not a project: say so, and create nothing
+        raise GridError(
+            f"no deconflow data folder at {root}: run in the project folder, set "
+            "DECONFLOW_DATA, or start a sweep (deconflow demo) first"
+        )
     import dagster as dg
 
     from deconflow.instance import ensure_dagster_home
-    from deconflow.status import format_grid, live_runs_table
+    from deconflow.status import format_grid, live_runs_table, status_json
 
     ensure_dagster_home()
     grid = load_grid()
     with dg.DagsterInstance.get() as instance:
-        print(format_grid(grid, live_runs_table(grid, instance)))
+        runs = live_runs_table(grid, instance)
+    if args.json:
+        print(json.dumps(status_json(grid, runs), indent=2, default=str))
+    else:
+        print(format_grid(grid, runs))
     return 0
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
     import duckdb
 
-    from deconflow.status import NoDatabase, run_sql
+    from deconflow.status import NoDatabase, run_sql_all
 
+    fmt = "csv" if args.csv else args.format
+    if args.max_rows < 1:
+        raise GridError(f"--max-rows must be >= 1, got {args.max_rows} (--format csv: all rows)")
     try:
-        df = run_sql(args.query)
+        frames = run_sql_all(args.query)
     except NoDatabase as e:
         raise GridError(str(e)) from None
     except duckdb.Error as e:
         raise GridError(f"SQL error: {str(e).splitlines()[0]}") from None
-    if args.csv:
-        df.to_csv(sys.stdout, index=False)
-    elif df.empty:
-        cols = ", ".join(map(str, df.columns))
-        print(f"(no rows{'; columns: ' + cols if cols else ''})")
-    else:
-        print(df.to_string(index=False, max_rows=args.max_rows))
-        if len(df) > args.max_rows:
-            print(f"({len(df)} rows; --max-rows N or --csv to see more)")
+    if fmt != "table" and len(frames) > 1:
+        raise GridError(
+            f"--format {fmt} takes one SQL statement, got {len(frames)}: run them one at a time"
+        )
+    for i, (stmt, df) in enumerate(frames):
+        if len(frames) > 1:
+            print(("\n" if i else "") + f"-- [{i + 1}/{len(frames)}] {stmt}")
+        if fmt == "csv":
+            df.to_csv(sys.stdout, index=False)
+        elif fmt == "json":
+            sys.stdout.write(df.to_json(orient="records", date_format="iso", indent=2) + "\n")
+        elif df.empty:
+            cols = ", ".join(map(str, df.columns))
+            print(f"(no rows{'; columns: ' + cols if cols else ''})")
+        else:
+            print(df.to_string(index=False, max_rows=args.max_rows))
+            if len(df) > args.max_rows:
+                print(f"({len(df)} rows; --max-rows N or --format csv to see more)")
     return 0
 
 
@@ -227,38 +256,71 @@ def _sql_epilog() -> str:
         '  deconflow sql "SELECT run_id, r_squared FROM run_fits ORDER BY r_squared LIMIT 5"',
         "  deconflow sql --csv \"SELECT * FROM batch_metrics WHERE run_id LIKE 'base__lr0.1%'\"",
         "",
-        "or open it yourself, read-only: duckdb -readonly data/deconflow.duckdb",
+        "or open it yourself, read-only, in the data folder (the metric views read their",
+        "Parquet parts relative to it): cd data && duckdb -readonly deconflow.duckdb",
     ]
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deconflow", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    t = sub.add_parser("train", help="train one cell standalone")
+    try:
+        return version("deconflow")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deconflow",
+        description=__doc__,
+        epilog="settings: DECONFLOW_* environment variables, see docs/configuration.md",
+    )
+    p.add_argument("--version", action="version", version=f"deconflow {_version()}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser(
+        "train",
+        help="train one cell standalone",
+        description="Train one cell outside Dagster (the same code a sweep run executes), "
+        "with the profile and DECONFLOW_TRAIN_OVERRIDES the sweep would use; flags win.",
+    )
     t.add_argument("--key", help="cell key, e.g. base__lr0.1_wd0.0001_s0")
-    t.add_argument("--variant")
-    t.add_argument("--lr", type=float)
-    t.add_argument("--wd", type=float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--profile", default="demo", help="full | demo | synthetic (default demo)")
+    t.add_argument("--variant", help="variant (base, bn_off, narrow, adamw), with --lr/--wd/--seed")
+    t.add_argument("--lr", type=float, help="learning rate of the cell")
+    t.add_argument("--wd", type=float, help="weight decay of the cell")
+    t.add_argument("--seed", type=int, help="seed of the cell")
+    t.add_argument(
+        "--profile",
+        default=None,
+        help="full | demo | synthetic (default $DECONFLOW_PROFILE, else demo)",
+    )
     t.add_argument(
         "--out",
         help="output folder (default: train in $DECONFLOW_DATA/work/<key>, then publish to "
         "$DECONFLOW_DATA/runs/<key> when the run ends)",
     )
     t.add_argument("--data-dir", help="CIFAR-10 folder for the full profile")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--epochs", type=int, help="epochs (overrides the profile)")
+    t.add_argument(
+        "--grad-accum", type=int, help="micro-batches per step (the effective batch is kept)"
+    )
     t.add_argument("--device", help="auto | cpu | cuda")
     t.set_defaults(func=cmd_train)
 
-    g = sub.add_parser("grid", help="list the grid's cells")
+    g = sub.add_parser(
+        "grid", help="list the grid's cells", description="Print every cell key of the grid."
+    )
     g.add_argument("--grid", help="grid file (default $DECONFLOW_GRID or the packaged one)")
     g.set_defaults(func=cmd_grid)
 
-    d = sub.add_parser("demo", help="run the demo sweep through Dagster, then analyse it")
+    d = sub.add_parser(
+        "demo",
+        help="run the demo sweep through Dagster, then analyse it",
+        description="Materialize the demo cells (24 by default) on the persistent instance, "
+        "then the analysis assets; prints the grid, H1/H2 and example queries.",
+    )
     d.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
     d.add_argument("--seeds", type=int, default=2, help="seeds per cell (default 2)")
     d.add_argument("--all", action="store_true", help="every cell of the grid (216)")
@@ -267,65 +329,119 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser(
         "materialize",
         help="run partitions as Dagster runs (a CLI backfill), then refresh the analysis",
+        description="Run the selected partitions (default: the whole grid) as Dagster runs "
+        "on the persistent instance, then materialize the analysis assets.",
     )
     m.add_argument("--key", nargs="+", help="cell keys, e.g. base__lr0.1_wd0.0001_s0")
-    m.add_argument("--variant", nargs="+")
-    m.add_argument("--lr", nargs="+", type=float)
-    m.add_argument("--wd", nargs="+", type=float)
-    m.add_argument("--seed", nargs="+", type=int)
-    m.add_argument("--workers", type=int, default=2)
+    m.add_argument("--variant", nargs="+", help="only these variants")
+    m.add_argument("--lr", nargs="+", type=float, help="only these learning rates")
+    m.add_argument("--wd", nargs="+", type=float, help="only these weight decays")
+    m.add_argument("--seed", nargs="+", type=int, help="only these seeds")
+    m.add_argument("--workers", type=int, default=2, help="runs at a time (default 2)")
     m.add_argument("--no-analysis", action="store_true", help="skip the downstream assets")
     m.set_defaults(func=cmd_materialize)
 
-    s = sub.add_parser("status", help="completeness grid (variant x hp) with counts")
+    s = sub.add_parser(
+        "status",
+        help="completeness grid (variant x hp) with counts",
+        description="The live state of every cell (Dagster instance + published runs), as a "
+        "grid, or as JSON for scripts. Refuses to run outside a project (no data folder).",
+    )
+    s.add_argument(
+        "--json", action="store_true", help="print counts and one object per cell as JSON"
+    )
     s.set_defaults(func=cmd_status)
 
     q = sub.add_parser(
         "sql",
         help="run SQL read-only on the DuckDB database",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run one SQL query read-only on the published DuckDB database (the "
-        "current snapshot: never blocked by a publication or another session).",
+        description="Run SQL read-only on the published DuckDB database (the current "
+        "snapshot: never blocked by a publication or another session). Several statements "
+        "separated by ';' print one result each (table format only).",
         epilog=_sql_epilog(),
     )
-    q.add_argument("query", help='one SQL statement, e.g. "SELECT count(*) FROM runs"')
-    q.add_argument("--csv", action="store_true", help="print CSV instead of a table")
-    q.add_argument("--max-rows", type=int, default=200)
+    q.add_argument("query", help='SQL, e.g. "SELECT count(*) FROM runs"')
+    q.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="output format (default table; csv and json print every row)",
+    )
+    q.add_argument("--csv", action="store_true", help="same as --format csv")
+    q.add_argument(
+        "--max-rows", type=int, default=200, help="rows a table shows (>= 1, default 200)"
+    )
     q.set_defaults(func=cmd_sql)
 
     v = sub.add_parser(
         "dev",
         help="dagster dev with the persistent DAGSTER_HOME; every option goes to dagster dev "
         "(e.g. deconflow dev --port 3001 --host 0.0.0.0)",
+        description="Start `dagster dev` on deconflow's code and persistent instance "
+        "(DAGSTER_HOME=$DECONFLOW_DATA/dagster_home). Everything after `dev`, -h included, "
+        "goes to dagster dev.",
     )
-    v.add_argument("dagster_args", nargs=argparse.REMAINDER)
+    v.add_argument(
+        "dagster_args", nargs=argparse.REMAINDER, help="options passed to dagster dev as they are"
+    )
     v.set_defaults(func=cmd_dev)
 
-    c = sub.add_parser("slurm", help="the local one-node SLURM cluster: up | down | status")
-    c.add_argument("action", choices=["up", "down", "status", "env"])
-    c.add_argument("rest", nargs=argparse.REMAINDER)
+    c = sub.add_parser(
+        "slurm",
+        help="the local one-node SLURM cluster: up | down | status | env",
+        description="Start, stop or inspect the local one-node SLURM cluster (development "
+        "and tests); `env` prints the variables that point sbatch/squeue at it.",
+    )
+    c.add_argument("action", choices=["up", "down", "status", "env"], help="what to do")
+    c.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="OPTIONS",
+        help="options of the cluster tool, e.g. --dir DIR (see: deconflow slurm status -h)",
+    )
     c.set_defaults(func=cmd_slurm)
 
     g = sub.add_parser(
-        "postgres", help="a local PostgreSQL server for the Dagster instance: up | down | status"
+        "postgres",
+        help="a local PostgreSQL server for the Dagster instance: up | down | status | env",
+        description="Start, stop or inspect a local PostgreSQL server for the Dagster "
+        "instance; `up` and `env` print the DECONFLOW_PG_URL to export.",
     )
-    g.add_argument("action", choices=["up", "down", "status", "env"])
-    g.add_argument("rest", nargs=argparse.REMAINDER)
+    g.add_argument("action", choices=["up", "down", "status", "env"], help="what to do")
+    g.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="OPTIONS",
+        help="options of the server tool (see: deconflow postgres status -h)",
+    )
     g.set_defaults(func=cmd_postgres)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _one_line_errors() -> tuple[type[BaseException], ...]:
+    """Errors shown as one line. DataError only once the training code is loaded (it
+    raises it): importing it here would load torch for every command."""
+    from deconflow.settings import SettingError
     from deconflow.slurm.script import SlurmConfigError
-    from deconflow.training.data import DataError
 
+    errors: list[type[BaseException]] = [GridError, SlurmConfigError, SettingError]
+    data = sys.modules.get("deconflow.training.data")
+    if data is not None:
+        errors.append(data.DataError)
+    return tuple(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["dev"]:  # everything after `dev` belongs to `dagster dev`, even -h/--help
         return cmd_dev(argparse.Namespace(dagster_args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (GridError, DataError, SlurmConfigError) as e:
+    except Exception as e:
+        if not isinstance(e, _one_line_errors()):
+            raise
         print(f"deconflow: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

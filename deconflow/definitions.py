@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import dagster as dg
 
+from deconflow import settings
 from deconflow.assets.automation import build_refresh_sensor
 from deconflow.assets.checks import all_cells_materialized, build_fresh_check, quality_gates
 from deconflow.assets.database import build_database_assets
@@ -37,7 +37,7 @@ def training_code_version() -> str:
 
 def owners() -> list[str]:
     """``DECONFLOW_OWNERS`` (comma-separated e-mails or ``team:<name>``), default the team."""
-    raw = os.environ.get("DECONFLOW_OWNERS") or DEFAULT_OWNERS
+    raw = settings.get("DECONFLOW_OWNERS") or DEFAULT_OWNERS
     return [o.strip() for o in raw.split(",") if o.strip()]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 
+from deconflow import settings
 from deconflow.materialize import analyse, materialize_cells
 from deconflow.sweep import Cell, Grid
 
@@ -53,7 +54,7 @@ def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
     cells = demo_cells(grid, seeds, all_cells)
     print(
         f"deconflow demo: {len(cells)} cells of {len(grid)} ({len(grid.variants)} variants), "
-        f"profile {os.environ['DECONFLOW_PROFILE']}, {workers} at a time, "
+        f"profile {settings.raw('DECONFLOW_PROFILE')}, {workers} at a time, "
         f"Dagster home {home}"
     )
     t0 = time.monotonic()

@@ -38,6 +38,9 @@ from deconflow.protocol import (
 )
 from deconflow.sweep import Cell
 
+# The job name dg.materialize gives its runs (Dagster has no public constant for it).
+EPHEMERAL_JOB = "__ephemeral_asset_job__"
+
 # Dagster's event log stays complete in the instance; the console shows only warnings.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 CANCEL_WAIT_S = 60.0  # for runs in flight to stop after Ctrl-C before they are killed
@@ -75,12 +78,11 @@ def _worker_init(parent_pid: int) -> None:
 def _execute(assets: list, run_id: str, tags: dict, partition_key=None):
     """One Dagster run of ``assets`` with a given run id, in this process (a pool worker)."""
     import dagster as dg
-    from dagster._core.definitions.materialize import EPHEMERAL_JOB_NAME
 
     _quiet()
-    job = dg.Definitions(
-        assets=assets, jobs=[dg.define_asset_job(EPHEMERAL_JOB_NAME)]
-    ).resolve_job_def(EPHEMERAL_JOB_NAME)
+    job = dg.Definitions(assets=assets, jobs=[dg.define_asset_job(EPHEMERAL_JOB)]).resolve_job_def(
+        EPHEMERAL_JOB
+    )
     with dg.DagsterInstance.get() as instance:
         return job.execute_in_process(
             run_config=QUIET,
@@ -233,7 +235,7 @@ def _run_all(
 ) -> bool:
     """Run each task ``fn(*args, run_id)`` in a pool worker, ``workers`` at a time; returns
     whether the command was interrupted (then every run in flight has been cancelled)."""
-    from dagster._core.utils import make_new_run_id
+    import uuid
 
     pending = list(tasks)
     inflight: dict[Future, str] = {}
@@ -248,7 +250,7 @@ def _run_all(
             while (pending or inflight) and not intr.count:
                 while pending and len(inflight) < workers and not intr.count:
                     fn, args = pending.pop(0)
-                    run_id = make_new_run_id()
+                    run_id = str(uuid.uuid4())  # what Dagster's own run ids are
                     fut = pool.submit(fn, *args, run_id)
                     inflight[fut], args_of[fut] = run_id, args
                 done, _ = wait(list(inflight), timeout=0.5, return_when=FIRST_COMPLETED)

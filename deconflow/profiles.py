@@ -213,3 +213,63 @@ VARIANT_SPECS: dict[str, VariantSpec] = {
 
 def variant_spec(cell: Cell) -> VariantSpec:
     return VARIANT_SPECS[cell.variant]
+
+
+_OVERRIDES_VAR = "DECONFLOW_TRAIN_OVERRIDES"
+
+
+def _type_ok(value: object, annotation: str) -> bool:
+    """Whether a JSON value fits a TrainConfig field's annotation (as written in the class)."""
+    kinds = [a.strip() for a in str(annotation).split("|")]
+    for k in kinds:
+        if k == "None" and value is None:
+            return True
+        if k == "bool" and isinstance(value, bool):
+            return True
+        if k == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if k == "float" and _is_number(value):
+            return True
+        if k == "str" and isinstance(value, str):
+            return True
+        if k == "dict" and isinstance(value, dict):
+            return True
+        if k.startswith("tuple") and isinstance(value, list | tuple):
+            return all(_is_number(v) for v in value)
+    return False
+
+
+def check_overrides(data: dict, where: str = _OVERRIDES_VAR) -> dict:
+    """TrainConfig overrides from JSON: unknown keys and wrong types are one-line errors
+    naming ``where``; lists become tuples."""
+    import difflib
+
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise GridError(f"{where}: unknown training setting {key!r}{hint}")
+        if not _type_ok(value, fields[key]):
+            raise GridError(f"{where}: {key} must be {fields[key]}, got {value!r}")
+        out[key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def profile_from_env(name: str | None = None, **flags) -> TrainConfig:
+    """The profile the sweep runs (``DECONFLOW_PROFILE`` unless ``name`` is given) with
+    ``DECONFLOW_TRAIN_OVERRIDES``, then ``flags`` on top. Every bad value is a one-line
+    error naming the variable (``deconflow train`` used to ignore both silently)."""
+    from deconflow import settings
+
+    if name is None:
+        name = settings.get("DECONFLOW_PROFILE")
+    overrides = check_overrides(settings.get(_OVERRIDES_VAR))
+    try:
+        get_profile(name, **overrides)
+    except (GridError, TypeError) as e:
+        if overrides and "unknown profile" not in str(e):
+            raise GridError(f"{_OVERRIDES_VAR}: {e}") from None
+        raise
+    return get_profile(name, **{**overrides, **flags})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -60,6 +61,40 @@ class NoDatabase(FileNotFoundError):
 def readable_columns(df: pd.DataFrame) -> pd.DataFrame:
     """DuckDB names ``count(*)`` ``count_star()``: show what the user wrote."""
     return df.rename(columns=lambda c: str(c).replace("count_star()", "count(*)"))
+
+
+def status_json(grid: Grid, runs: pd.DataFrame) -> dict:
+    """``deconflow status --json``: the totals and one object per cell (the ``runs`` table's
+    columns), for scripts."""
+    counts = Counter(runs["status"])
+    cells = json.loads(runs.to_json(orient="records", date_format="iso"))
+    return {
+        "grid": grid.name,
+        "cells": len(runs),
+        "totals": {k: int(counts.get(k, 0)) for k in SYMBOLS},
+        "runs": cells,
+    }
+
+
+def run_sql_all(query: str, path: Path | None = None) -> list[tuple[str, pd.DataFrame]]:
+    """Every statement of ``query`` with its result, run in order on one read-only
+    connection to the current snapshot."""
+    from deconflow.warehouse.database import connect_readonly, snapshot_path
+
+    path = path or db_path()
+    if not snapshot_path(path).exists():
+        raise NoDatabase(
+            f"no database at {path}: run `deconflow demo` or materialize sweep_db first"
+        )
+    con = connect_readonly(path)
+    try:
+        out = []
+        for stmt in con.extract_statements(query):
+            text = " ".join(stmt.query.split())
+            out.append((text, readable_columns(con.execute(stmt.query).df())))
+        return out
+    finally:
+        con.close()
 
 
 def run_sql(query: str, path: Path | None = None) -> pd.DataFrame:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deconflow import settings as _settings
+
 # The key format and its parsing live in deconflow.keys; re-exported for the grid's users.
 from deconflow.keys import (  # noqa: F401
     KEY_SEP,
@@ -189,7 +191,7 @@ def grid_from_dict(data: dict, source: str = "<grid>") -> Grid:
 
 def default_grid_path() -> Path:
     """``$DECONFLOW_GRID`` if set, else the grid file shipped in the package."""
-    env = os.environ.get("DECONFLOW_GRID")
+    env = _settings.get("DECONFLOW_GRID")
     if env:
         return Path(env)
     return Path(str(resources.files("deconflow") / "grid.toml"))

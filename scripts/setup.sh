@@ -12,6 +12,9 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing deconflow and its dependencies"
 "$PY" -m pip install -q -e ".[dev]"
+# pip's console scripts (deconflow, duckdb) behind pyenv's shims, where pyenv is used.
+if command -v pyenv >/dev/null; then pyenv rehash || true; fi
+echo "setup: duckdb CLI $(duckdb --version 2>/dev/null || echo 'missing: pip install duckdb-cli')"
 
 if [ "${1:-}" = "--slurm" ]; then
   # What the tests start for real: a one-node SLURM cluster (slurm-wlm, munge, slurmdbd,

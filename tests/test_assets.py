@@ -59,7 +59,9 @@ def _failures(result) -> str:
 
 
 def _db() -> duckdb.DuckDBPyConnection:
-    return duckdb.connect(str(data_path("deconflow.duckdb")), read_only=True)
+    from deconflow.warehouse.database import connect_readonly
+
+    return connect_readonly(data_path("deconflow.duckdb"))
 
 
 def test_partitions_are_the_grid():

@@ -62,8 +62,11 @@ def _leftovers(db: Path) -> list[str]:
     return left
 
 
-def _count(path: Path) -> int:
-    con = duckdb.connect(str(path), read_only=True)
+def _count(path: Path, folder: Path | None = None) -> int:
+    """Cells in batch_metrics, read as a user does: the views' parts are relative to the
+    data folder (``folder``; default the file's own)."""
+    search = str(folder or path.parent)
+    con = duckdb.connect(str(path), read_only=True, config={"file_search_path": search})
     try:
         return con.execute("SELECT count(DISTINCT run_id) FROM batch_metrics").fetchone()[0]
     finally:
@@ -178,7 +181,7 @@ def test_writer_killed_mid_write_leaves_the_old_database_and_no_temp_files(data)
         saw_leftovers += bool(_leftovers(db))
         # Whatever the moment: the published file and the snapshot are whole and readable.
         assert 4 <= _count(db) <= 8
-        assert 4 <= _count(snapshot_path(db)) <= 8
+        assert 4 <= _count(snapshot_path(db), db.parent) <= 8
     # The next writer is not blocked (flock died with the process) and cleans up.
     t0 = time.monotonic()
     report = publish_database(db, every, _tables(every))
@@ -253,7 +256,9 @@ def test_readers_never_fail_during_publications(data, monkeypatch):
         while not stop.is_set():
             try:
                 if user_path:
-                    con = duckdb.connect(str(db), read_only=True)
+                    con = duckdb.connect(
+                        str(db), read_only=True, config={"file_search_path": str(db.parent)}
+                    )
                 else:
                     from deconflow.warehouse.database import connect_readonly
 
@@ -285,7 +290,7 @@ def test_readers_never_fail_during_publications(data, monkeypatch):
             t.join()
     assert problems == [], problems[:5]
     assert reads[0] > 20
-    con = duckdb.connect(str(db), read_only=True)
+    con = duckdb.connect(str(db), read_only=True, config={"file_search_path": str(db.parent)})
     dups = con.execute(
         "SELECT run_id, step FROM batch_metrics GROUP BY 1, 2 HAVING count(*) > 1 LIMIT 1"
     ).fetchall()
@@ -335,7 +340,7 @@ try:
 except DiskFullError as e:
     print("RESULT " + str(e))
 import duckdb
-con = duckdb.connect(str(db), read_only=True)
+con = duckdb.connect(str(db), read_only=True, config={"file_search_path": str(db.parent)})
 print("OLD", con.execute("SELECT count(DISTINCT run_id) FROM batch_metrics").fetchone()[0])
 con.close()
 left = [p.name for p in root.glob(".deconflow.duckdb.*")]
@@ -344,7 +349,7 @@ left += [p.name for p in tmp.iterdir()] if tmp.exists() else []
 print("LEFT", left)
 filler.unlink()
 publish_database(db, runs, tables())
-con = duckdb.connect(str(db), read_only=True)
+con = duckdb.connect(str(db), read_only=True, config={"file_search_path": str(db.parent)})
 print("NEW", con.execute("SELECT count(DISTINCT run_id) FROM batch_metrics").fetchone()[0])
 """
 

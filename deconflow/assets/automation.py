@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 
@@ -47,16 +46,10 @@ _IN_PROGRESS = [dg.DagsterRunStatus(k) for k, v in RUN_STATES.items() if v in IN
 
 
 def _env(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
+    from deconflow import settings
+
+    value = settings.get(name)  # checked there: a one-line SettingError (a ValueError)
+    return default if value is None else value
 
 
 @dataclass(frozen=True)

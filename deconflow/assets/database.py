@@ -60,7 +60,8 @@ def build_database_assets(grid: Grid) -> list[dg.AssetsDefinition]:
                 **freshness.coverage_metadata(state, len(published), n_cells),
                 "path": dg.MetadataValue.path(str(db_path())),
                 "open_with": dg.MetadataValue.md(
-                    f'`duckdb -readonly {db_path()}` or `deconflow sql "SELECT ..."`'
+                    f"`cd {db_path().parent} && duckdb -readonly {db_path().name}` or "
+                    '`deconflow sql "SELECT ..."`'
                 ),
                 "snapshot": report["seq"],
                 "publish_seconds": round(secs, 3),

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Literal
 
 import dagster as dg
 
+from deconflow.datadict import column_docs
+
 if TYPE_CHECKING:  # heavy libraries load in asset bodies, not in every run worker
     import pandas as pd
 
@@ -127,7 +129,7 @@ def table_metadata(df: "pd.DataFrame", name: str, max_rows: int = TABLE_ROWS) ->
     shown = min(len(df), max_rows)
     return {
         "dagster/row_count": len(df),
-        "dagster/column_schema": table_schema(df),
+        "dagster/column_schema": table_schema(df, column_docs(name)),  # the data dictionary
         name: table_value(df, max_rows),
         "rows_shown": f"{shown} of {len(df)}" + ("" if shown == len(df) else " (all in DuckDB)"),
     }

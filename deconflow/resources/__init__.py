@@ -14,14 +14,17 @@ from deconflow.resources.sweep_settings import SweepSettings
 def compute_from_env() -> ComputeResource:
     """``DECONFLOW_COMPUTE=local`` (default) or ``slurm``; SLURM settings come from the
     TOML file named by ``DECONFLOW_SLURM_CONFIG`` (see README, "Running on a cluster")."""
-    kind = os.environ.get("DECONFLOW_COMPUTE", "local")
-    if kind == "local":
-        return LocalProcessResource()
-    if kind == "slurm":
-        return slurm_from_file(os.environ.get("DECONFLOW_SLURM_CONFIG"))
-    from deconflow.slurm.script import SlurmConfigError
+    from deconflow import settings
 
-    raise SlurmConfigError(f"DECONFLOW_COMPUTE must be 'local' or 'slurm', got {kind!r}")
+    try:
+        kind = settings.get("DECONFLOW_COMPUTE")
+    except settings.SettingError as e:
+        from deconflow.slurm.script import SlurmConfigError
+
+        raise SlurmConfigError(str(e)) from None
+    if kind == "slurm":
+        return slurm_from_file(settings.get("DECONFLOW_SLURM_CONFIG"))
+    return LocalProcessResource()
 
 
 def slurm_from_file(path: str | os.PathLike | None) -> ComputeResource:
@@ -77,9 +80,11 @@ def slurm_from_file(path: str | os.PathLike | None) -> ComputeResource:
 
 
 def sweep_from_env() -> SweepSettings:
+    from deconflow import settings
+
     return SweepSettings(
-        profile=os.environ.get("DECONFLOW_PROFILE", "demo"),
-        overrides_json=os.environ.get("DECONFLOW_TRAIN_OVERRIDES", "{}"),
+        profile=settings.raw("DECONFLOW_PROFILE"),
+        overrides_json=settings.raw("DECONFLOW_TRAIN_OVERRIDES") or "{}",
     )
 
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import dagster as dg
 from dagster import PipesFileMessageReader, open_pipes_session
-from dagster._core.pipes.utils import PipesFileContextInjector
 
 from deconflow import procs
 from deconflow.atomic import atomic_write_json
@@ -174,7 +173,7 @@ class ComputeResource(dg.ConfigurableResource):
             f.unlink()
         with open_pipes_session(
             context=context,
-            context_injector=PipesFileContextInjector(str(pipes_dir / PIPES_CONTEXT)),
+            context_injector=dg.PipesFileContextInjector(str(pipes_dir / PIPES_CONTEXT)),
             message_reader=PipesFileMessageReader(str(pipes_dir / PIPES_MESSAGES)),
             extras={"cell": cell.key, "profile": profile},
         ) as session:

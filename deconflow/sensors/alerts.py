@@ -7,10 +7,11 @@ tag, so the UI shows it even when no webhook is configured.
 from __future__ import annotations
 
 import json
-import os
 import urllib.request
 
 import dagster as dg
+
+from deconflow import settings as _settings
 
 
 class AlertWebhook(dg.ConfigurableResource):
@@ -24,7 +25,7 @@ class AlertWebhook(dg.ConfigurableResource):
     timeout_s: float = 5.0
 
     def target(self) -> str | None:
-        return self.url or os.environ.get("DECONFLOW_ALERT_WEBHOOK") or None
+        return self.url or _settings.get("DECONFLOW_ALERT_WEBHOOK") or None
 
     def post(self, alert: dict) -> str | None:
         """Send one alert; returns an error message, or None when sent (or no URL is set)."""

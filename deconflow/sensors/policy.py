@@ -8,7 +8,6 @@ Nothing here talks to Dagster or SLURM, so every rule is unit-testable: the watc
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 
 from deconflow.failures import (
@@ -60,8 +59,10 @@ NOT_RETRIED = {
 
 
 def _env_float(name: str, default: float) -> float:
-    value = os.environ.get(name)
-    return float(value) if value else default
+    from deconflow import settings
+
+    value = settings.get(name)  # checked there: a one-line error naming the variable
+    return default if value is None else value
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ class WatchdogSettings:
             resume_retries=int(_env_float(p + "RESUME_RETRIES", d.resume_retries)),
             unknown_retries=int(_env_float(p + "UNKNOWN_RETRIES", d.unknown_retries)),
             corrupt_retries=int(_env_float(p + "CORRUPT_RETRIES", d.corrupt_retries)),
-            confirm_diverged=os.environ.get(p + "CONFIRM_DIVERGED", "") in ("1", "true"),
+            confirm_diverged=bool(_env_float(p + "CONFIRM_DIVERGED", d.confirm_diverged)),
             interval_s=int(_env_float(p + "INTERVAL_S", d.interval_s)),
         )
 

@@ -2,8 +2,8 @@
 
 Layout, for the default ``data/deconflow.duckdb``::
 
-    data/deconflow.duckdb         what users open (read-only, mode 0444): a copy of the current
-                                  snapshot, replaced whole (os.replace) by every publication
+    data/deconflow.duckdb         what users open (read-only, 0444 less the umask): a copy of the
+                                  current snapshot, replaced whole (os.replace) by every publication
     data/deconflow.warehouse/
       CURRENT                     name of the current snapshot; deconflow's own readers open it
       snapshots/<seq>.duckdb      small DuckDB files: the analysis tables as real tables, the
@@ -40,7 +40,8 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from deconflow.atomic import atomic_write_bytes
+from deconflow import datadict
+from deconflow.atomic import atomic_write_bytes, current_umask
 from deconflow.protocol import FAMILIES, SUMMARY
 from deconflow.warehouse.compaction import compact, retire_dead_units
 from deconflow.warehouse.store import (  # noqa: F401  (re-exported: the public API)
@@ -56,6 +57,7 @@ from deconflow.warehouse.store import (  # noqa: F401  (re-exported: the public 
     WriterBusy,
     cell_signature,
     connect_readonly,
+    connect_writable,
     disk_full_error,
     empty_select,
     env_number,
@@ -67,6 +69,7 @@ from deconflow.warehouse.store import (  # noqa: F401  (re-exported: the public 
     make_cell_part,
     save_manifest,
     scan_published,
+    set_search_path,
     snapshot_path,
     sql_str,
     store_dir,
@@ -83,10 +86,12 @@ def _write_snapshot(
     uids = unit_order(manifest)
     live_map = live_units_of(manifest)
     counts: dict[str, int] = {}
-    con = duckdb.connect(str(path))
+    con = connect_writable(path)
     try:
+        set_search_path(con, store.parent / "x.duckdb")  # binds the views' relative paths
         for family in FAMILIES:
-            sql = family_select(store, manifest, family, uids, live_map) or empty_select(family)
+            sql = family_select(store, manifest, family, uids, live_map, base=store.parent)
+            sql = sql or empty_select(family)
             con.execute(f"CREATE VIEW {family} AS {sql}")
             counts[family] = sum(
                 c.get("rows", {}).get(family, 0) for c in manifest["cells"].values()
@@ -99,10 +104,29 @@ def _write_snapshot(
         con.register("_df", _publication_frame(info))
         con.execute(f"CREATE TABLE {PUBLICATION_TABLE} AS SELECT * FROM _df")
         con.unregister("_df")
+        _comment(con)
         con.execute("CHECKPOINT")
     finally:
         con.close()
     return counts
+
+
+def _comment(con: duckdb.DuckDBPyConnection) -> None:
+    """The data dictionary (deconflow/datadict.py) as COMMENT ON every table, view and
+    column it describes: `duckdb_tables()`, `duckdb_columns()` and the CLI show it."""
+    have: dict[str, set[str]] = {}
+    for table, column in con.execute(
+        "SELECT table_name, column_name FROM duckdb_columns() WHERE NOT internal"
+    ).fetchall():
+        have.setdefault(table, set()).add(column)
+    for name, table in datadict.TABLES.items():
+        if name not in have:
+            continue
+        kind = "VIEW" if table.view else "TABLE"
+        con.execute(f'COMMENT ON {kind} "{name}" IS {sql_str(table.summary)}')
+        for column, doc in table.columns.items():
+            if column in have[name]:
+                con.execute(f'COMMENT ON COLUMN "{name}"."{column}" IS {sql_str(doc)}')
 
 
 def _typed(df: pd.DataFrame) -> pd.DataFrame:
@@ -405,7 +429,7 @@ def _commit(db_path, store, manifest, tables, info, log, timings) -> dict:
     # with the old publication intact.
     user_tmp = db_path.with_name(f".{db_path.name}.{uuid.uuid4().hex[:8]}.tmp")
     shutil.copyfile(tmp_snap, user_tmp)
-    os.chmod(user_tmp, 0o444)
+    os.chmod(user_tmp, 0o444 & ~current_umask())  # read-only; readable as the umask says
     _fsync_file(user_tmp)
     snap = store / "snapshots" / f"{seq}.duckdb"
     os.rename(tmp_snap, snap)
@@ -414,7 +438,7 @@ def _commit(db_path, store, manifest, tables, info, log, timings) -> dict:
     for p in preserved:
         log(
             f"{db_path.name} had been changed by a read-write session: kept as {p} "
-            "(open the published data read-only: duckdb -readonly)"
+            "(open the published data read-only: cd <data folder> && duckdb -readonly)"
         )
     manifest["user_file"] = _user_stat(user_tmp)
     save_manifest(store, manifest)

@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from deconflow.atomic import atomic_write_bytes, atomic_write_json
+from deconflow.datadict import FIT_COLUMN_DOCS
 from deconflow.parquet_io import write_parquet
 from deconflow.protocol import FAMILIES, family_file
-from deconflow.warehouse.tables import FIT_COLUMN_DOCS
 
 CSV_MISSING = "empty field (nothing between the commas)"
 CSV_FLOATS = "positional decimal notation with up to 12 digits after the point, never 1e-05"

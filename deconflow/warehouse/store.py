@@ -29,6 +29,10 @@ KEEP_SNAPSHOTS = 3
 SNAPSHOT_GRACE_S = 120
 KEEP_REPLACED = 5
 PUBLICATION_TABLE = "publication"
+# Snapshots are written in a storage format that the documented `duckdb` CLI (pip
+# duckdb-cli 1.5.x, which reads storage versions up to v1.5) opens; Python duckdb 2.0 would
+# otherwise write a newer one that CLI refuses.
+STORAGE_VERSION = "v1.5.0"
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
 
@@ -45,12 +49,15 @@ class WriterBusy(WarehouseError):
     pass
 
 
-def env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "")
+def env_number(name: str, default: float | None = None) -> float:
+    """A numeric ``DECONFLOW_DB_*`` setting (checked by :mod:`deconflow.settings`)."""
+    from deconflow import settings
+
     try:
-        return float(raw) if raw else default
-    except ValueError:
-        raise WarehouseError(f"{name} must be a number, got {raw!r}") from None
+        value = settings.get(name)
+    except settings.SettingError as e:
+        raise WarehouseError(str(e)) from None
+    return default if value is None else value
 
 
 # --- where things are ---------------------------------------------------------------------
@@ -72,14 +79,43 @@ def snapshot_path(db_path: Path) -> Path:
     return path if path.exists() else db_path
 
 
+def connect_writable(path: Path) -> duckdb.DuckDBPyConnection:
+    """A new snapshot file: in the CLI-readable storage format, relative paths resolved
+    against the folder of the user-facing database (the snapshot's store's parent)."""
+    con = duckdb.connect(str(path), config={"storage_compatibility_version": STORAGE_VERSION})
+    return con
+
+
+def set_search_path(con: duckdb.DuckDBPyConnection, db_path: Path) -> None:
+    """The views name their Parquet parts relative to the database file's folder (so the
+    data folder can be copied or moved): resolve them there, wherever the process runs."""
+    con.execute(f"SET file_search_path = {sql_str(folder_of(db_path))}")
+
+
+def folder_of(db_path: Path) -> Path:
+    """The folder the views' relative paths start from: the user-facing file's folder, also
+    when ``db_path`` is one of its snapshots (``<db>.warehouse/snapshots/<seq>.duckdb``)."""
+    path = Path(db_path).resolve()
+    if path.parent.name == "snapshots" and path.parent.parent.name.endswith(".warehouse"):
+        return path.parent.parent.parent
+    return path.parent
+
+
 def connect_readonly(db_path: Path) -> duckdb.DuckDBPyConnection:
-    """A read-only connection to the current snapshot: never blocked by a user's session."""
+    """A read-only connection to the current snapshot: never blocked by a user's session.
+
+    The metric views read ``deconflow.warehouse/parts/...`` relative to the folder of
+    ``db_path``; this connection resolves them there (``file_search_path``). Another
+    program does the same with ``SET file_search_path = '<data folder>'``, or by running
+    in the data folder (``cd data && duckdb -readonly deconflow.duckdb``)."""
     for attempt in range(3):
         path = snapshot_path(db_path)
         if not path.exists():
             raise FileNotFoundError(f"no database at {db_path}")
         try:
-            return duckdb.connect(str(path), read_only=True)
+            con = duckdb.connect(str(path), read_only=True)
+            set_search_path(con, db_path)
+            return con
         except duckdb.IOException:
             # A snapshot retired between reading CURRENT and opening it: read CURRENT again.
             if attempt == 2 or snapshot_path(db_path) == path:
@@ -137,7 +173,7 @@ def writer_lock(store: Path, timeout_s: float | None = None) -> Iterator[None]:
         timeout_s = env_number("DECONFLOW_DB_LOCK_TIMEOUT_S", DEFAULT_LOCK_TIMEOUT_S)
     store.mkdir(parents=True, exist_ok=True)
     path = store / "writer.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # less the umask: a lab group shares it
     try:
         t0 = time.monotonic()
         while True:
@@ -314,9 +350,17 @@ def empty_select(family: str) -> str:
 
 
 def family_select(
-    store: Path, manifest: dict, family: str, uids: list[str], live_map: dict
+    store: Path,
+    manifest: dict,
+    family: str,
+    uids: list[str],
+    live_map: dict,
+    base: Path | None = None,
 ) -> str | None:
-    """SELECT of the live rows of ``family`` in the given units (None if there are none)."""
+    """SELECT of the live rows of ``family`` in the given units (None if there are none).
+
+    With ``base``, file paths are written relative to it (the views of a snapshot: relative
+    to the database file's folder, so a moved data folder reads its own parts)."""
     clean, parts = [], []
     for uid in uids:
         unit = manifest["units"][uid]
@@ -326,7 +370,7 @@ def family_select(
         live = live_map.get(uid, [])
         if not live:
             continue
-        path = sql_str(store / rel)
+        path = sql_str(os.path.relpath(store / rel, base) if base else store / rel)
         if len(live) == len(unit["members"]):
             clean.append(path)
         else:  # a segment holding superseded cells: read only the cells still current there

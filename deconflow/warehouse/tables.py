@@ -12,6 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from deconflow.analysis.fits import fit_arrays
+from deconflow.datadict import FIT_COLUMN_DOCS
 from deconflow.profiles import PLAN_EPOCHS, get_profile, scaled_windows
 from deconflow.protocol import (
     DIVERGED,
@@ -25,90 +26,7 @@ from deconflow.protocol import (
 from deconflow.sweep import Grid, GridError, parse_key
 from deconflow.warehouse.publish import read_summary
 
-# run_fits: the plan's columns first (SPEC section 5), then the noise-aware fit columns.
-# Each column's meaning; README's data dictionary and the export's metadata say the same.
-FIT_COLUMN_DOCS: dict[str, tuple[str, str]] = {
-    "run_id": ("string", "cell key"),
-    "variant": ("string", "base, bn_off, narrow or adamw"),
-    "seed": ("int64", "seed of the cell"),
-    "lr": ("float64", "peak learning rate of the cell"),
-    "weight_decay": ("float64", "weight decay of the cell"),
-    "r_squared": (
-        "Float64",
-        "R² of the plan's power law: log L = log a + b log t by least squares over every "
-        "per-batch train loss from the burn-in step on (null: no burn-in)",
-    ),
-    "knee_epoch": (
-        "Float64",
-        "fractional epoch of the first step whose smoothed train CE (centred moving mean "
-        "over one epoch of batches) is <= 1.0 (null: no burn-in)",
-    ),
-    "burn_in_loss": ("Float64", "smoothed train CE at that step"),
-    "alpha_early": (
-        "Float64",
-        "least-squares slope (nats/epoch) of the per-epoch mean train loss over the "
-        "plan's calculate_slope(5, 15), 0-based end-exclusive: epochs 6-15 counted from 1, "
-        "right after the warm-up (profile window alpha_early_from..alpha_early_to, scaled)",
-    ),
-    "alpha_full": (
-        "Float64",
-        "the same slope from burn-in to the end: per-epoch means of the batches at or after "
-        "the burn-in step, each at the mean epoch of its batches (null: no burn-in, or fewer "
-        "than 5 epoch means: see alpha_full_few_points)",
-    ),
-    "alpha_full_few_points": (
-        "bool",
-        "true when the run burnt in but had fewer than 5 per-epoch means after it, so "
-        "alpha_full is withheld",
-    ),
-    "best_val_ce": ("Float64", "lowest validation CE within the profile's epochs"),
-    "best_val_epoch": ("Float64", "fractional epoch where it first occurs"),
-    "exponent": ("Float64", "b of the raw power-law fit (negative: a falling loss)"),
-    "intercept": ("Float64", "log a of the raw power-law fit (natural log)"),
-    "n_points": ("int64", "batches in the raw fit (0: no burn-in)"),
-    "n_dropped_nonfinite": (
-        "int64",
-        "batch rows within the horizon dropped because the loss was non-finite or <= 0",
-    ),
-    "outcome": ("string", "completed or diverged"),
-    "r_squared_noise_limited": (
-        "Float64",
-        "estimate of the R² the noise-free trend would reach under this run's batch noise: "
-        "1 - noise_var / Var(log L) over the fitted points, clipped at 0 (an estimate, not a "
-        "bound: r_squared can exceed it)",
-    ),
-    "r_squared_shape": (
-        "Float64",
-        "r_squared / r_squared_noise_limited: the power law's R² against the noise-free trend "
-        "(near 1 when the shape is a power law, whatever the batch noise); H1's primary rule",
-    ),
-    "noise_var": (
-        "Float64",
-        "batch-to-batch noise variance of log L after burn-in, from second differences: "
-        "sum((y[i-1] - 2 y[i] + y[i+1])²) / (6 m) over the m triples of consecutive steps "
-        "(a dropped batch never makes a difference across a gap)",
-    ),
-    "r_squared_epoch_mean": (
-        "Float64",
-        "R² of the same power law fitted to the post-burn-in per-epoch mean losses against "
-        "the mean step of each epoch's batches",
-    ),
-    "exponent_epoch_mean": ("Float64", "b of that per-epoch-mean fit"),
-    "intercept_epoch_mean": ("Float64", "log a of that per-epoch-mean fit"),
-    "n_epoch_means": ("int64", "epochs in that fit (the knee's partial epoch counts)"),
-    "burn_in_step": ("Int64", "the burn-in step (null: no burn-in)"),
-    "alpha_early_from": (
-        "int64",
-        "start of the alpha_early window in the plan's notation (0-based: the first epoch "
-        "used is alpha_early_from + 1 counted from 1)",
-    ),
-    "alpha_early_to": (
-        "int64",
-        "end of the alpha_early window, exclusive in 0-based epochs (= the last epoch used, "
-        "counted from 1)",
-    ),
-    "profile": ("string", "training profile of the run"),
-}
+# run_fits: columns, types and meanings in the one data dictionary (deconflow/datadict.py).
 FIT_COLUMNS = list(FIT_COLUMN_DOCS)
 FIT_DTYPES = {c: t for c, (t, _) in FIT_COLUMN_DOCS.items()}
 

@@ -33,7 +33,7 @@ import pandas as pd
 
 from bench.analysis_scale import synth_run
 from deconflow.sweep import grid_from_dict
-from deconflow.warehouse.database import connect_readonly
+from deconflow.warehouse.store import connect_readonly
 
 PER_VARIANT = (
     "SELECT r.variant, avg(b.loss_nats) FROM batch_metrics b JOIN runs r USING (run_id) GROUP BY 1"

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from deconflow.protocol import WORKER_TAG  # noqa: E402
-from deconflow.warehouse.database import connect_readonly
+from deconflow.warehouse.store import connect_readonly  # noqa: E402
 
 LAUNCH_BACKFILL = """
 mutation($params: LaunchBackfillParams!) {

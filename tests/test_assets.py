@@ -59,7 +59,7 @@ def _failures(result) -> str:
 
 
 def _db() -> duckdb.DuckDBPyConnection:
-    from deconflow.warehouse.database import connect_readonly
+    from deconflow.warehouse.store import connect_readonly
 
     return connect_readonly(data_path("deconflow.duckdb"))
 

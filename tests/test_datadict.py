@@ -11,7 +11,7 @@ from deconflow.analysis.hypotheses import EXCLUDED_COLUMNS, RESULT_COLUMNS
 from deconflow.protocol import FAMILIES
 from deconflow.sweep import load_grid
 from deconflow.warehouse import tables
-from deconflow.warehouse.database import connect_readonly
+from deconflow.warehouse.store import connect_readonly
 from tests.sharing_pipeline import write_sweep
 
 REPO = Path(__file__).resolve().parents[1]

@@ -159,7 +159,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from deconflow.instance import ensure_dagster_home
-    from deconflow.status import format_grid, live_runs_table, status_json
+    from deconflow.status import format_grid, live_runs_table, status_json, verdict_summary
 
     ensure_dagster_home()
     grid = load_grid()
@@ -169,6 +169,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status_json(grid, runs), indent=2, default=str))
     else:
         print(format_grid(grid, runs))
+        print()
+        print(verdict_summary())
     return 0
 
 

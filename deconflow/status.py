@@ -72,8 +72,22 @@ def status_json(grid: Grid, runs: pd.DataFrame) -> dict:
         "grid": grid.name,
         "cells": len(runs),
         "totals": {k: int(counts.get(k, 0)) for k in SYMBOLS},
+        "verdicts": verdict_records(),
         "runs": cells,
     }
+
+
+def verdict_records(path: Path | None = None) -> list[dict]:
+    """The short verdict table as records for ``status --json`` (empty before an analysis)."""
+    from deconflow.analysis.hypotheses import verdict_table
+
+    try:
+        hyp = run_sql("SELECT * FROM hypotheses", path)
+    except Exception:  # no database yet, or one published before verdicts existed
+        return []
+    if "verdict" not in hyp.columns:
+        return []
+    return json.loads(verdict_table(hyp).to_json(orient="records"))
 
 
 def run_sql_all(query: str, path: Path | None = None) -> list[tuple[str, pd.DataFrame]]:

@@ -19,10 +19,9 @@ NAME = re.compile(r"DECONFLOW_[A-Z0-9_]*[A-Z0-9]")
 READ = re.compile(
     r"""(os\.environ\.get\(|os\.getenv\(|os\.environ\[)\s*(["']DECONFLOW_|p \+|[A-Z_]+_VAR)"""
 )
-# Where DECONFLOW_* may be read: the settings module, the dev tools (deconflow_dev: their
-# own ports and state folders), and, until its owner switches it to settings.get, the
-# training program's two reads (DECONFLOW_TORCH_THREADS, DECONFLOW_FAULT).
-READERS = {"deconflow/settings.py", "deconflow_dev", "deconflow/training"}
+# Where DECONFLOW_* may be read: the settings module and the dev tools (deconflow_dev: their
+# own ports and state folders).
+READERS = {"deconflow/settings.py", "deconflow_dev"}
 
 
 def _sources():

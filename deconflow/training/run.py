@@ -17,6 +17,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
+from deconflow import settings
 from deconflow.profiles import get_profile
 from deconflow.protocol import METADATA_FIELDS
 from deconflow.sweep import Cell, parse_key
@@ -30,7 +31,7 @@ def _clean(v):
 def set_torch_threads() -> None:
     """Honour DECONFLOW_TORCH_THREADS (local runs use 1: small models on few cores run
     faster single-threaded, and concurrent runs do not fight over cores)."""
-    threads = os.environ.get("DECONFLOW_TORCH_THREADS")
+    threads = settings.get("DECONFLOW_TORCH_THREADS")
     if threads:
         import torch
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deconflow import settings
 from deconflow.atomic import atomic_write_json
 from deconflow.profiles import TrainConfig, variant_spec
 from deconflow.protocol import (
@@ -78,7 +79,7 @@ def _fingerprint(cell: Cell, cfg: TrainConfig) -> dict:
 def fault_plan(cfg: TrainConfig) -> dict[int, list[str]]:
     """Fault injection for reliability tests: ``kind@step`` in cfg.fault or DECONFLOW_FAULT,
     parsed once at start into step -> kinds (the step loop only looks its step up)."""
-    spec = cfg.fault or os.environ.get("DECONFLOW_FAULT", "")
+    spec = cfg.fault or settings.get("DECONFLOW_FAULT") or ""
     plan: dict[int, list[str]] = {}
     for item in filter(None, spec.split(",")):
         kind, _, at = item.partition("@")

@@ -47,10 +47,8 @@ class TrainConfig:
     noise_microbatches: int = 8  # micro-batches for the gradient-variance estimate
     # Analysis windows (SPEC section 4), in epochs of this profile; never read by training.
     # The plan's are for 50 epochs; shorter profiles take `scaled_windows(epochs)`.
-    alpha_early_epochs: tuple[int, int] = (
-        5,
-        15,
-    )  # the plan's calculate_slope(5, 15): 0-based, end-exclusive (epochs 6-15 from 1)
+    # The plan's calculate_slope(5, 15): 0-based, end-exclusive (epochs 6-15 counted from 1).
+    alpha_early_epochs: tuple[int, int] = (5, 15)
     knee_epochs: tuple[float, float] = (1.0, 20.0)  # the knee gate's allowed range
     heartbeat_every_s: float = 10.0
     keep_best: int = 3

@@ -96,6 +96,7 @@ def test_grid_values_are_typed_and_keys_known(tmp_path, override, message) -> No
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # runs the deconflow command in a subprocess
 def test_bad_grid_through_the_commands(tmp_path) -> None:
     path = _grid_file(tmp_path, _toml("lr = [true]"))
     r = _run(tmp_path, "grid", "--grid", str(path))
@@ -113,6 +114,7 @@ def test_good_grid_values_still_load() -> None:
 # --------------------------------------------------------------------------- the commands
 
 
+@pytest.mark.slow  # runs the deconflow command in a subprocess
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -130,6 +132,7 @@ def test_train_bad_settings(tmp_path, args, message) -> None:
     _one_line_nothing_written(r, tmp_path, message)
 
 
+@pytest.mark.slow  # runs the deconflow command in a subprocess
 @pytest.mark.parametrize(
     "args, env, message",
     [
@@ -154,6 +157,7 @@ def test_materialize_bad_input(tmp_path, args, env, message) -> None:
     _one_line_nothing_written(r, tmp_path, message)
 
 
+@pytest.mark.slow  # runs the deconflow command in a subprocess
 def test_demo_bad_workers(tmp_path) -> None:
     _one_line_nothing_written(_run(tmp_path, "demo", "--workers", "0"), tmp_path, "--workers")
 
@@ -177,6 +181,7 @@ def _slurm_toml(tmp: Path, text: str) -> Path:
     return p
 
 
+@pytest.mark.slow  # runs the deconflow command in a subprocess
 @pytest.mark.parametrize(
     "text, message",
     [

@@ -22,6 +22,8 @@ from deconflow.partitions import partition_key
 from deconflow.sensors import WatchdogSettings, evaluate_tick
 from deconflow.sweep import load_grid, parse_key
 
+pytestmark = pytest.mark.slow  # trains and interrupts deconflow commands
+
 REPO = Path(__file__).resolve().parents[1]
 KEY = "base__lr0.1_wd0.001_s0"
 

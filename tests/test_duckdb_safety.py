@@ -34,6 +34,8 @@ from deconflow.warehouse.database import (
     writer_lock,
 )
 
+pytestmark = pytest.mark.slow  # materializes and kills writers
+
 REPO = Path(__file__).resolve().parents[1]
 CELLS = load_grid().cells
 STEPS = 1200  # 3 epochs of 390 steps: every family has rows

@@ -219,6 +219,7 @@ def _fits_in_duckdb() -> set[str]:
         con.close()
 
 
+@pytest.mark.slow
 def test_dagster_dev_puts_a_newly_landed_cell_into_duckdb_within_120s(dagster_dev):
     """Default settings, the real daemon: nobody launches the analysis."""
     instance = dg.DagsterInstance.get()

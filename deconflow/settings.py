@@ -142,6 +142,16 @@ SETTINGS: dict[str, Setting] = {
             low=1,
         ),
         _s(
+            "DECONFLOW_SLURM_QUEUE_DEPTH",
+            "int",
+            None,
+            "SLURM only: training runs in flight beyond the slots, their jobs PENDING in "
+            "SLURM's queue so the next cell starts the moment a slot frees (unset: the "
+            "training slots, at most 16; 0: off; docs/slurm.md)",
+            _ORCH,
+            low=0,
+        ),
+        _s(
             "DECONFLOW_ANALYSIS_SLOTS",
             "int",
             2,

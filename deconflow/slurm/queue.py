@@ -14,8 +14,7 @@ resource ignores it: its slots are the machine's.
 
 from __future__ import annotations
 
-import os
-
+from deconflow import settings
 from deconflow.slurm.script import SlurmConfigError
 
 QUEUE_DEPTH_ENV = "DECONFLOW_SLURM_QUEUE_DEPTH"
@@ -27,16 +26,10 @@ def slurm_queue_depth(training_slots: int) -> int:
 
     A bad value is a one-line :class:`SlurmConfigError` naming the variable.
     """
-    raw = os.environ.get(QUEUE_DEPTH_ENV, "").strip()
-    if not raw:
-        return min(max(training_slots, 1), DEFAULT_MAX_DEPTH)
     try:
-        value = int(raw)
-    except ValueError:
-        raise SlurmConfigError(
-            f"{QUEUE_DEPTH_ENV} must be a whole number >= 0 (jobs waiting in SLURM's queue), "
-            f"got {raw!r}"
-        ) from None
-    if value < 0:
-        raise SlurmConfigError(f"{QUEUE_DEPTH_ENV} must be >= 0, got {value}")
+        value = settings.get(QUEUE_DEPTH_ENV)
+    except settings.SettingError as e:
+        raise SlurmConfigError(str(e)) from None
+    if value is None:
+        return min(max(training_slots, 1), DEFAULT_MAX_DEPTH)
     return value

@@ -146,21 +146,30 @@ TABLES: dict[str, Table] = {
         {k: doc for k, (_, doc) in FIT_COLUMN_DOCS.items()},
     ),
     "hypotheses": Table(
-        "test x scope x method",
-        "H1 / H2 per scope and method: value, 95% CI, threshold, n, passed",
+        "test x tier x scope x method",
+        "H1 / H2: one primary row each with its verdict; secondary (per variant, Holm) and "
+        "exploratory rows (docs/science.md)",
         {
             "hypothesis": "H1 (power-law prevalence) or H2 (early slope predicts best val CE)",
-            "scope": "pooled, variant=<v>; for H2 also lr=<lr> and variant=<v>, lr=<lr>",
-            "method": "H1: r2>=0.98 fraction; H2: pearson, spearman, and partial-lr variants",
-            "smoothing": "the loss-curve smoothing the value rests on (raw or epoch_mean)",
-            "value": "H1: fraction of runs with R² >= 0.98; H2: rho(alpha_early, best_val_ce)",
+            "tier": "primary (the one pre-declared answer), secondary (per variant, "
+            "Holm-adjusted) or exploratory (pooled, per lr, the plan's raw-R² rule)",
+            "primary": "true on the one pre-declared primary row of each hypothesis",
+            "scope": "what the row covers, e.g. 'within variant, combined (4 variants)', "
+            "variant=<v>, pooled",
+            "method": "H1: shape or raw R² >= 0.98 fraction; H2: Fisher-z combined "
+            "within-variant Pearson, pearson, spearman, partial on lr",
+            "smoothing": "the loss curve the value rests on (shape, raw or epoch_mean)",
+            "value": "H1: fraction of runs passing the R² rule; H2: the correlation",
             "ci_low": "lower end of the 95% CI (null: n too small)",
             "ci_high": "upper end of the 95% CI (null: n too small)",
-            "ci_method": "wilson (H1), bootstrap (H2) or none",
+            "ci_method": "wilson 95% (H1), stratified bootstrap BCa or bootstrap (H2), or none",
             "threshold": "0.9 (H1, strict) or 0.7 (H2)",
             "n": "runs used",
-            "passed": "the verdict: the CI clears the threshold",
-            "point_passed": "the point estimate's verdict, reported beside it",
+            "verdict": "PASS (the CI clears the threshold), FAIL (the CI lies wholly on the "
+            "wrong side) or INCONCLUSIVE",
+            "p_holm": "Holm-adjusted one-sided p-value of the secondary per-variant rows",
+            "passed": "verdict = PASS",
+            "point_passed": "what the point estimate alone would say, reported beside it",
             "note": "counts, and why a row cannot pass",
         },
     ),

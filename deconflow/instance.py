@@ -53,7 +53,7 @@ def training_runs_limit() -> tuple[int, int]:
     """(training slots, queue depth): the run queue lets ``slots + depth`` training runs be in
     flight. The depth is 0 unless the compute is SLURM, whose job queue does the waiting."""
     slots = _int_env("DECONFLOW_TRAINING_SLOTS", 2)
-    if os.environ.get("DECONFLOW_COMPUTE", "local") != "slurm":
+    if settings.get("DECONFLOW_COMPUTE") != "slurm":
         return slots, 0
     from deconflow.slurm.queue import slurm_queue_depth
 

@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
+from deconflow import settings
 from deconflow.protocol import (
     ANALYSIS_KIND,
     FAILED,
@@ -270,7 +271,7 @@ def _run_all(
 def _queue_depth(workers: int) -> int:
     """Runs beyond ``workers`` whose SLURM jobs wait in SLURM's queue (0 for local compute):
     SLURM, not this command, then starts the next cell the moment a slot frees."""
-    if os.environ.get("DECONFLOW_COMPUTE", "local") != "slurm":
+    if settings.get("DECONFLOW_COMPUTE") != "slurm":
         return 0
     from deconflow.slurm.queue import slurm_queue_depth
 

@@ -7,8 +7,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -20,6 +18,7 @@ def write_sweep(root: Path, n_cells: int = 3) -> dict[str, Path]:
     from deconflow.warehouse.database import publish_database
     from deconflow.warehouse.export import export_dataset
     from deconflow.warehouse.publish import publish_run
+    from deconflow.warehouse.tables import run_fits
     from tests.synthetic_runs import write_run
 
     cells = load_grid().cells[:n_cells]
@@ -27,13 +26,7 @@ def write_sweep(root: Path, n_cells: int = 3) -> dict[str, Path]:
     for c in cells:
         work = write_run(root / "work", c)  # the training's atomic Parquet + JSON writes
         runs[c.key] = publish_run(work, root / "runs")
-    fits = pd.DataFrame(
-        {
-            "run_id": list(runs),
-            "variant": [c.variant for c in cells],
-            "best_val_ce": [1.0 + i for i in range(len(cells))],
-        }
-    )
+    fits = run_fits(runs)  # the real per-run fits of the published runs
     write_parquet(root / "tables" / "run_fits.parquet", fits)
     publish_database(root / "deconflow.duckdb", runs, {"run_fits": fits})
     export_dataset(fits, runs, root / "export")
@@ -45,7 +38,7 @@ def write_sweep(root: Path, n_cells: int = 3) -> dict[str, Path]:
         fits=fits,
         hypotheses=None,
         excluded=None,
-        figures=root / "report",
+        published=runs,
     )
     return runs
 

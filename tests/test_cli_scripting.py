@@ -135,7 +135,11 @@ def test_sql_formats_and_multiple_statements(project, monkeypatch, capsys):
     q = "SELECT run_id, best_val_ce FROM run_fits ORDER BY 1"
     assert main(["sql", "--format", "json", q]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert [r["best_val_ce"] for r in rows] == [1.0, 2.0]
+    import pandas as pd
+
+    saved = pd.read_parquet(project / "tables" / "run_fits.parquet").sort_values("run_id")
+    assert [r["run_id"] for r in rows] == list(saved["run_id"])
+    assert [r["best_val_ce"] for r in rows] == pytest.approx(list(saved["best_val_ce"]))
     assert main(["sql", "--format", "csv", q]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "run_id,best_val_ce"
     # Several statements: every result is shown, in order.

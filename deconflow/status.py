@@ -79,15 +79,8 @@ def status_json(grid: Grid, runs: pd.DataFrame) -> dict:
 
 def verdict_records(path: Path | None = None) -> list[dict]:
     """The short verdict table as records for ``status --json`` (empty before an analysis)."""
-    from deconflow.analysis.hypotheses import verdict_table
-
-    try:
-        hyp = run_sql("SELECT * FROM hypotheses", path)
-    except Exception:  # no database yet, or one published before verdicts existed
-        return []
-    if "verdict" not in hyp.columns:
-        return []
-    return json.loads(verdict_table(hyp).to_json(orient="records"))
+    short, _ = published_verdicts(path)
+    return [] if short is None else json.loads(short.to_json(orient="records"))
 
 
 def run_sql_all(query: str, path: Path | None = None) -> list[tuple[str, pd.DataFrame]]:
@@ -113,34 +106,34 @@ def run_sql_all(query: str, path: Path | None = None) -> list[tuple[str, pd.Data
 
 def run_sql(query: str, path: Path | None = None) -> pd.DataFrame:
     """Run SQL read-only on the published database: on the current snapshot, so neither a
-    user's read-write session nor a publication in progress can block or break it."""
-    from deconflow.warehouse.database import connect_readonly, snapshot_path
-
-    path = path or db_path()
-    if not snapshot_path(path).exists():
-        raise NoDatabase(
-            f"no database at {path}: run `deconflow demo` or materialize sweep_db first"
-        )
-    con = connect_readonly(path)
-    try:
-        return readable_columns(con.execute(query).df())
-    finally:
-        con.close()
+    user's read-write session nor a publication in progress can block or break it. The last
+    statement's result."""
+    return run_sql_all(query, path)[-1][1]
 
 
-def verdict_summary(path: Path | None = None) -> str:
-    """The short verdict table (primary rows first, then per variant) of the published
-    `hypotheses` table, as text for `deconflow status`; a hint when nothing is published."""
-    from deconflow.analysis.hypotheses import format_verdicts, verdict_table
+def published_verdicts(path: Path | None = None) -> tuple[pd.DataFrame | None, str]:
+    """The short verdict table of the published `hypotheses` table, or None and why not."""
+    from deconflow.analysis.hypotheses import verdict_table
 
     try:
         hyp = run_sql("SELECT * FROM hypotheses", path)
     except NoDatabase:
-        return "hypotheses: no database yet (run the analysis)"
-    except Exception as e:  # an old database without the verdict columns
-        return f"hypotheses: unreadable ({str(e).splitlines()[0]})"
+        return None, "no database yet (run the analysis)"
+    except Exception as e:  # an old database without the table
+        return None, f"unreadable ({str(e).splitlines()[0]})"
     if "verdict" not in hyp.columns:
-        return "hypotheses: published before verdicts existed; materialize the analysis again"
+        return None, "published before verdicts existed; materialize the analysis again"
+    return verdict_table(hyp), ""
+
+
+def verdict_summary(path: Path | None = None) -> str:
+    """The short verdict table (primary rows first, then per variant) as text for
+    `deconflow status`; a hint when nothing is published."""
+    from deconflow.analysis.hypotheses import format_verdicts
+
+    short, why = published_verdicts(path)
+    if short is None:
+        return f"hypotheses: {why}"
     return "hypotheses (primary first; full table: deconflow sql 'SELECT * FROM hypotheses')\n" + (
-        format_verdicts(verdict_table(hyp))
+        format_verdicts(short)
     )

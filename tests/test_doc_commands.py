@@ -16,6 +16,7 @@ Conventions for the slow test (say so in the document's own words, no markers ne
   after ``SERVE_S`` seconds (then it is stopped); any other command gets ``LONG_S``
   (set-up and the demo, which the later commands need, ``SETUP_S``) and passes if it is
   still working without an error at its timeout (a 54-cell backfill has started fine);
+  trainings run one epoch (``DECONFLOW_TRAIN_OVERRIDES``), the same code path;
 - a command that names a lab's own resources (a host under ``example``, ``/shared/``,
   ``~/data/``, the ``full`` profile's CIFAR-10) or starts services shared by the machine
   (``deconflow slurm``/``postgres``), the whole test suite (pytest) or the benchmarks is
@@ -39,9 +40,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^\s*```\s*(bash|sh|shell|console)\s*$")
-SERVE_S = 45
-LONG_S = 180
-SETUP_S = 2400
+SERVE_S = 30
+LONG_S = 60
+SETUP_S = 1200
+# Trainings of one epoch: the commands run as written, on the same code path, in minutes
+# rather than the demo's full length (the suite's 15-minute budget).
+TINY = '{"epochs": 1}'
 LAB_ONLY = re.compile(
     r"doc-test: skip|example\b|/shared/|~/data/|--profile full|deconflow (slurm|postgres)"
     r"|\bpytest\b|bench\.|slurm env|ruff "
@@ -212,6 +216,7 @@ def test_documented_commands_run_on_a_fresh_setup(tmp_path):
     env.pop("PYTHONPATH", None)
     env.update(PATH=f"{venv / 'bin'}:{env['PATH']}", PYTHON=str(venv / "bin" / "python3"))
     env["VIRTUAL_ENV"] = str(venv)
+    env["DECONFLOW_TRAIN_OVERRIDES"] = TINY
     failures, ran = [], 0
     t0 = time.monotonic()
     for where, cmd in all_commands():

@@ -236,6 +236,7 @@ def test_code_version_and_owners(monkeypatch, tmp_path):
     copy = tmp_path / "deconflow"
     shutil.copytree(d.PACKAGE / "training", copy / "training")
     shutil.copy(d.PACKAGE / "profiles.py", copy / "profiles.py")
+    shutil.copy(d.PACKAGE / "schedule.py", copy / "schedule.py")
     monkeypatch.setattr(d, "PACKAGE", copy)
     assert d.training_code_version() == version
     with open(copy / "training" / "train.py", "a") as f:

@@ -279,9 +279,13 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         from deconflow.report import save_figure
         from deconflow.warehouse import publish as publish_mod
 
+        state = freshness.landings(context.instance, grid.name)
         fits = load_table("run_fits")
         published = publish_mod.published_runs(runs_dir(), grid)
-        meta: dict = {"runs": len(fits)}
+        meta: dict = {
+            **freshness.coverage_metadata(state, len(published), n_cells),
+            "runs": len(fits),
+        }
         if len(fits):
             from deconflow.assets import plots
 

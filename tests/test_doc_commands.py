@@ -16,7 +16,8 @@ Conventions for the slow test (say so in the document's own words, no markers ne
   after ``SERVE_S`` seconds (then it is stopped); any other command gets ``LONG_S``
   (set-up and the demo, which the later commands need, ``SETUP_S``) and passes if it is
   still working without an error at its timeout (a 54-cell backfill has started fine);
-  trainings run one epoch (``DECONFLOW_TRAIN_OVERRIDES``), the same code path;
+  trainings run one epoch (``DECONFLOW_TRAIN_OVERRIDES``) on a 32-cell grid holding every
+  cell the documents name (``DECONFLOW_GRID``), the same code path;
 - a command that names a lab's own resources (a host under ``example``, ``/shared/``,
   ``~/data/``, the ``full`` profile's CIFAR-10) or starts services shared by the machine
   (``deconflow slurm``/``postgres``), the whole test suite (pytest) or the benchmarks is
@@ -43,9 +44,15 @@ FENCE = re.compile(r"^\s*```\s*(bash|sh|shell|console)\s*$")
 SERVE_S = 30
 LONG_S = 60
 SETUP_S = 1200
-# Trainings of one epoch: the commands run as written, on the same code path, in minutes
-# rather than the demo's full length (the suite's 15-minute budget).
+# Trainings of one epoch on a small grid that holds every cell the documents name: the
+# commands run as written, on the same code path, in minutes (the suite's 15-minute budget).
 TINY = '{"epochs": 1}'
+SMALL_GRID = """name = "doc-commands"
+variants = ["base", "bn_off", "narrow", "adamw"]
+lr = [0.1, 0.2]
+weight_decay = [0.0001, 0.001]
+seed = [0, 1]
+"""
 LAB_ONLY = re.compile(
     r"doc-test: skip|example\b|/shared/|~/data/|--profile full|deconflow (slurm|postgres)"
     r"|\bpytest\b|bench\.|slurm env|ruff "
@@ -217,6 +224,8 @@ def test_documented_commands_run_on_a_fresh_setup(tmp_path):
     env.update(PATH=f"{venv / 'bin'}:{env['PATH']}", PYTHON=str(venv / "bin" / "python3"))
     env["VIRTUAL_ENV"] = str(venv)
     env["DECONFLOW_TRAIN_OVERRIDES"] = TINY
+    (tmp_path / "grid.toml").write_text(SMALL_GRID)
+    env["DECONFLOW_GRID"] = str(tmp_path / "grid.toml")
     failures, ran = [], 0
     t0 = time.monotonic()
     for where, cmd in all_commands():

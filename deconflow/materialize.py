@@ -36,6 +36,7 @@ from deconflow.protocol import (
     KIND_TAG,
     LAUNCHED_BY_TAG,
     LIVE_STATUSES,
+    TRAINING_ASSET,
 )
 from deconflow.sweep import Cell
 
@@ -104,13 +105,13 @@ def _materialize_cell(key: str, launched_by: str, run_id: str) -> tuple[str, boo
     from deconflow.partitions import partition_key
 
     t0 = time.monotonic()
-    asset = defs.get_repository_def().assets_defs_by_key[dg.AssetKey("training_run")]
+    asset = defs.get_repository_def().assets_defs_by_key[dg.AssetKey(TRAINING_ASSET)]
     result = _execute(
         [asset], run_id, {LAUNCHED_BY_TAG: launched_by}, partition_key(parse_key(key))
     )
     outcome = FAILED
     if result.success:
-        mats = result.asset_materializations_for_node("training_run")
+        mats = result.asset_materializations_for_node(TRAINING_ASSET)
         if mats and "outcome" in mats[0].metadata:
             outcome = mats[0].metadata["outcome"].value
     return key, result.success, outcome, time.monotonic() - t0
@@ -123,7 +124,7 @@ def _analyse(launched_by: str, run_id: str) -> tuple[bool, dict, float]:
     t0 = time.monotonic()
     repo = defs.get_repository_def()
     downstream = [
-        a for k, a in repo.assets_defs_by_key.items() if k.to_user_string() != "training_run"
+        a for k, a in repo.assets_defs_by_key.items() if k.to_user_string() != TRAINING_ASSET
     ]
     result = _execute(
         downstream + list(repo.asset_checks_defs_by_key.values()),

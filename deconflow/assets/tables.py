@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # heavy libraries load in asset bodies, not in every run work
     import pandas as pd
 
 from deconflow.assets import freshness
-from deconflow.protocol import DIVERGED, MATERIALIZED
+from deconflow.protocol import DIVERGED, MATERIALIZED, TRAINING_ASSET
 from deconflow.run_index import partition_states
 from deconflow.settings import runs_dir, tables_dir
 from deconflow.sweep import Grid
@@ -209,7 +209,7 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
     n_cells = len(grid)
 
     @dg.asset(
-        deps=["training_run"],
+        deps=[TRAINING_ASSET],
         group_name="analysis",
         kinds={"pandas"},
         description="One row per grid cell: identity, Dagster status, outcome, `dagster_runs` "
@@ -236,7 +236,7 @@ def build_table_assets(grid: Grid) -> list[dg.AssetsDefinition]:
         )
 
     @dg.asset(
-        deps=["training_run"],
+        deps=[TRAINING_ASSET],
         group_name="analysis",
         kinds={"pandas"},
         description="Per run: power-law fit (R², noise-limited R², shape R², exponent), "

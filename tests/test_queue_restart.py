@@ -25,7 +25,10 @@ from tests.slurm_helpers import (
     slurm_config,
 )
 
-pytestmark = pytest.mark.slow  # dagster dev on the dev cluster
+pytestmark = [
+    pytest.mark.slow,  # dagster dev on the dev cluster
+    pytest.mark.slurm_exclusive,  # its jobs ask for the whole node
+]
 
 GRID = """name = "queue-restart"
 variants = ["base"]

@@ -114,7 +114,7 @@ class Harness:
 
         def go() -> None:
             wait_until(
-                lambda: heartbeat_step(self.work) >= at_step, 120, f"step {at_step}", every=0.1
+                lambda: heartbeat_step(self.work) >= at_step, 300, f"step {at_step}", every=0.1
             )
             self.t_fault = time.monotonic()
             fault()

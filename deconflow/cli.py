@@ -273,6 +273,14 @@ def _version() -> str:
         return "unknown"
 
 
+def _service_parser(sub, name: str, help: str, description: str, rest_help: str, func) -> None:
+    """``deconflow slurm|postgres ACTION [OPTIONS]``: a dev service, its options passed on."""
+    c = sub.add_parser(name, help=help, description=description)
+    c.add_argument("action", choices=["up", "down", "status", "env"], help="what to do")
+    c.add_argument("rest", nargs=argparse.REMAINDER, metavar="OPTIONS", help=rest_help)
+    c.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deconflow",
@@ -389,35 +397,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.set_defaults(func=cmd_dev)
 
-    c = sub.add_parser(
+    _service_parser(
+        sub,
         "slurm",
-        help="the local one-node SLURM cluster: up | down | status | env",
-        description="Start, stop or inspect the local one-node SLURM cluster (development "
-        "and tests); `env` prints the variables that point sbatch/squeue at it.",
+        "the local one-node SLURM cluster: up | down | status | env",
+        "Start, stop or inspect the local one-node SLURM cluster (development and tests); "
+        "`env` prints the variables that point sbatch/squeue at it.",
+        "options of the cluster tool, e.g. --dir DIR (see: deconflow slurm status -h)",
+        cmd_slurm,
     )
-    c.add_argument("action", choices=["up", "down", "status", "env"], help="what to do")
-    c.add_argument(
-        "rest",
-        nargs=argparse.REMAINDER,
-        metavar="OPTIONS",
-        help="options of the cluster tool, e.g. --dir DIR (see: deconflow slurm status -h)",
-    )
-    c.set_defaults(func=cmd_slurm)
-
-    g = sub.add_parser(
+    _service_parser(
+        sub,
         "postgres",
-        help="a local PostgreSQL server for the Dagster instance: up | down | status | env",
-        description="Start, stop or inspect a local PostgreSQL server for the Dagster "
-        "instance; `up` and `env` print the DECONFLOW_PG_URL to export.",
+        "a local PostgreSQL server for the Dagster instance: up | down | status | env",
+        "Start, stop or inspect a local PostgreSQL server for the Dagster instance; `up` and "
+        "`env` print the DECONFLOW_PG_URL to export.",
+        "options of the server tool (see: deconflow postgres status -h)",
+        cmd_postgres,
     )
-    g.add_argument("action", choices=["up", "down", "status", "env"], help="what to do")
-    g.add_argument(
-        "rest",
-        nargs=argparse.REMAINDER,
-        metavar="OPTIONS",
-        help="options of the server tool (see: deconflow postgres status -h)",
-    )
-    g.set_defaults(func=cmd_postgres)
     return p
 
 

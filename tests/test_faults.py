@@ -423,10 +423,10 @@ def test_a_job_that_heartbeats_without_progress_is_cancelled_and_resumed(harness
     cancelled: list = []
 
     def keep_beating_without_steps() -> None:
-        beat = json.loads((h.work / "heartbeat.json").read_text())
         cursor = None
         deadline = time.monotonic() + 90
         while not cancelled and time.monotonic() < deadline:
+            beat = json.loads((h.work / "heartbeat.json").read_text())
             beat["time"] = time.time()
             (h.work / "heartbeat.json").write_text(json.dumps(beat))
             rep = evaluate_tick(h.instance, GRID.name, cursor, s, h.compute)
@@ -436,7 +436,9 @@ def test_a_job_that_heartbeats_without_progress_is_cancelled_and_resumed(harness
         if cancelled and h.t_detect is None:
             h.t_detect = time.monotonic()
 
-    t = h.inject_when(7, keep_beating_without_steps)  # the run hangs at step 8
+    # From the first heartbeat on: the run hangs at step 8, and the trainer's heartbeat is
+    # throttled, so on a fast machine no heartbeat ever names a step between 0 and 8.
+    t = h.inject_when(1, keep_beating_without_steps)
     assert not h.materialize(env={"DECONFLOW_FAULT": "hang@8"})  # first attempt only
     t.join(100)
     assert cancelled and cancelled[0]["action"].startswith("scancel"), cancelled

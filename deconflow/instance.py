@@ -65,6 +65,7 @@ def render_dagster_yaml() -> str:
     slots, depth = training_runs_limit()
     training = slots + depth
     analysis = _int_env("DECONFLOW_ANALYSIS_SLOTS", 2)
+    start_timeout = _int_env("DECONFLOW_RUN_START_TIMEOUT_S", 180)
     storage = ""
     if settings.get("DECONFLOW_PG_URL"):
         storage = f'storage:\n  postgres:\n    postgres_url: "{pg_url_for_dagster()}"\n'
@@ -83,7 +84,7 @@ def render_dagster_yaml() -> str:
     granularity: op
 run_monitoring:
   enabled: true
-  start_timeout_seconds: 180
+  start_timeout_seconds: {start_timeout}
   cancel_timeout_seconds: 180
   poll_interval_seconds: 30
   free_slots_after_run_end_seconds: 60

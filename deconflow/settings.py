@@ -160,6 +160,16 @@ SETTINGS: dict[str, Setting] = {
             low=1,
         ),
         _s(
+            "DECONFLOW_RUN_START_TIMEOUT_S",
+            "int",
+            180,
+            "seconds a launched run may take to start before Dagster's run monitoring fails "
+            "it (the watchdog then retries it): what a run launched just before the "
+            "orchestrator died waits",
+            _ORCH,
+            low=10,
+        ),
+        _s(
             "DECONFLOW_OWNERS",
             "str",
             "team:deconflow",

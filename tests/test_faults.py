@@ -25,7 +25,13 @@ import pytest
 
 from deconflow.assets.training import build_training_run
 from deconflow.partitions import partition_key
-from deconflow.protocol import ATTEMPT_TAG, CELL_TAG, RETRY_CLASS_TAG
+from deconflow.protocol import (
+    ATTEMPT_TAG,
+    CELL_TAG,
+    CHECKPOINT_DIR,
+    LATEST_CHECKPOINT,
+    RETRY_CLASS_TAG,
+)
 from deconflow.resources.slurm import SlurmResource
 from deconflow.resources.sweep_settings import SweepSettings
 from deconflow.sensors import WatchdogSettings, evaluate_tick
@@ -109,12 +115,20 @@ class Harness:
                 done.append(req)
         return done
 
-    def inject_when(self, at_step: int, fault) -> threading.Thread:
-        """Run ``fault()`` in a thread once training has passed ``at_step``."""
+    def inject_when(self, at_step: int, fault, checkpointed: bool = False) -> threading.Thread:
+        """Run ``fault()`` in a thread once training has passed ``at_step`` (and, with
+        ``checkpointed``, saved its first resumable checkpoint: the heartbeat of a validation
+        step is written before that step's checkpoint)."""
+        latest = self.work / CHECKPOINT_DIR / LATEST_CHECKPOINT
 
         def go() -> None:
             wait_until(
-                lambda: heartbeat_step(self.work) >= at_step, 300, f"step {at_step}", every=0.1
+                lambda: (
+                    heartbeat_step(self.work) >= at_step and (not checkpointed or latest.exists())
+                ),
+                300,
+                f"step {at_step}" + (" and a checkpoint" if checkpointed else ""),
+                every=0.1,
             )
             self.t_fault = time.monotonic()
             fault()
@@ -172,7 +186,8 @@ def harness(request, slurm_cluster, tmp_path, monkeypatch):
 @cluster_test
 def test_scancel_mid_run_resumes(harness) -> None:
     h = harness()
-    t = h.inject_when(12, lambda: subprocess.run(["scancel", h.job_id()], check=True))
+    scancel = lambda: subprocess.run(["scancel", h.job_id()], check=True)  # noqa: E731
+    t = h.inject_when(12, scancel, checkpointed=True)
     assert not h.materialize()
     t.join(10)
     assert h.runs()[0].tags["deconflow/failure_class"] == "cancelled"

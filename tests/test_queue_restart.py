@@ -2,7 +2,8 @@
 
 A UI-style backfill through ``dagster dev`` (GraphQL, as the "Materialize all" button) with
 one training slot and a SLURM queue depth of 2: one job RUNNING, the next ones PENDING in
-SLURM's queue (the jobs ask for the node exclusively, so they run one at a time). Then the
+SLURM's queue (the jobs ask for the cluster's one ``serial`` license, so they run one at a
+time while other tests' jobs share the node). Then the
 whole ``dagster dev`` process group is SIGKILLed and started again. Every cell is
 materialized exactly once, by exactly one SLURM job, and no job is CANCELLED.
 """
@@ -19,16 +20,14 @@ import dagster as dg
 import pytest
 
 from bench.scale_sweep import LAUNCH_BACKFILL, Orchestrator, free_port, graphql
+from deconflow_dev import slurm_cluster as cluster
 from tests.slurm_helpers import (
     _prefix,
     cluster_test,
     slurm_config,
 )
 
-pytestmark = [
-    pytest.mark.slow,  # dagster dev on the dev cluster
-    pytest.mark.slurm_exclusive,  # its jobs ask for the whole node
-]
+pytestmark = pytest.mark.slow  # dagster dev on the dev cluster
 
 GRID = """name = "queue-restart"
 variants = ["base"]
@@ -70,7 +69,12 @@ def test_sigkilled_dagster_dev_with_jobs_queued_ahead(
     data = tmp_path / "data"
     grid = tmp_path / "grid.toml"
     grid.write_text(GRID)
-    cfg = slurm_config(slurm_cluster, prefix, extra_sbatch_lines=["--exclusive"], mem="400M")
+    cfg = slurm_config(
+        slurm_cluster,
+        prefix,
+        extra_sbatch_lines=[f"--licenses={cluster.SERIAL_LICENSE}:1"],
+        mem="400M",
+    )
     toml = tmp_path / "slurm.toml"
     toml.write_text("[slurm]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in cfg.items()))
     env_vars = {
@@ -85,6 +89,9 @@ def test_sigkilled_dagster_dev_with_jobs_queued_ahead(
             {"epochs": 2, "hessian_every": 0, "heartbeat_every_s": 1.0}
         ),
         "DECONFLOW_WATCHDOG_INTERVAL_S": "10",
+        # A run launched just before the SIGKILL never starts: failed (then retried) after
+        # 30 s, not the default 180 s.
+        "DECONFLOW_RUN_START_TIMEOUT_S": "30",
     }
     for k, v in env_vars.items():
         monkeypatch.setenv(k, v)

@@ -448,5 +448,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``deconflow`` command: ``main``, then exit without the interpreter's teardown.
+
+    Once a command has returned, everything it wrote is on disk (atomic writes, committed
+    Dagster events, pool workers joined); what is left is garbage-collecting Dagster's
+    module graph and its instance, about 0.7 s of every command's wall time. Output is
+    flushed and logging shut down first."""
+    import logging
+
+    try:
+        code = main()
+    except SystemExit as e:  # argparse's --help/--version and usage errors
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        if e.code is not None and not isinstance(e.code, int):
+            print(e.code, file=sys.stderr)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing left to say
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -50,6 +50,37 @@ def pytest_collection_modifyitems(config, items):
         ]
         if costly:
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    _longest_first(items)
+
+
+# The modules whose tests take minutes, longest first. Parallel workers take tests in
+# collection order, so these start at once instead of stretching the end of the run.
+LONG_MODULES = (
+    "test_doc_commands",
+    "test_restart",
+    "test_queue_restart",
+    "test_concurrency",
+    "test_faults",
+    "test_live",
+    "test_duckdb_safety",
+)
+
+
+def _longest_first(items: list) -> None:
+    """Reorder whole modules (their module fixtures still run once): the long ones, then
+    the other modules with slow tests, then the rest; otherwise the order stays."""
+
+    def rank(item) -> int:
+        name = item.module.__name__.rpartition(".")[2]
+        if name in LONG_MODULES:
+            return LONG_MODULES.index(name)
+        return len(LONG_MODULES) + (0 if slow_modules.get(name) else 1)
+
+    slow_modules: dict[str, bool] = {}
+    for item in items:
+        name = item.module.__name__.rpartition(".")[2]
+        slow_modules[name] = slow_modules.get(name, False) or bool(item.get_closest_marker("slow"))
+    items.sort(key=rank)
 
 
 @pytest.fixture(autouse=True)

@@ -31,10 +31,30 @@ def asset(defs: dg.Definitions, name: str) -> dg.AssetsDefinition:
     return defs.get_repository_def().assets_defs_by_key[dg.AssetKey(name)]
 
 
-def downstream(defs: dg.Definitions) -> list:
+def downstream(defs: dg.Definitions, through: str | None = None) -> list:
+    """Every asset and check below ``training_run``; with ``through``, only that asset and
+    what it reads (``through="sweep_db"``: the DuckDB writer without the figures, the
+    report and the export, for tests about the writer alone)."""
     repo = defs.get_repository_def()
-    assets = [a for k, a in repo.assets_defs_by_key.items() if k.to_user_string() != "training_run"]
-    return assets + list(repo.asset_checks_defs_by_key.values())
+    keep = None
+    if through is not None:
+        graph, keep, todo = repo.asset_graph, set(), [dg.AssetKey(through)]
+        while todo:
+            key = todo.pop()
+            if key not in keep:
+                keep.add(key)
+                todo.extend(graph.get(key).parent_keys)
+    assets = [
+        a
+        for k, a in repo.assets_defs_by_key.items()
+        if k.to_user_string() != "training_run" and (keep is None or k in keep)
+    ]
+    checks = [
+        c
+        for c in repo.asset_checks_defs_by_key.values()
+        if keep is None or all(ck.asset_key in keep for ck in c.check_keys)
+    ]
+    return assets + checks
 
 
 def data_path(*parts: str) -> Path:

@@ -421,7 +421,8 @@ for i in range(2):
 instance = dg.DagsterInstance.get()
 defs = make_defs()
 quiet = {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-assert dg.materialize(downstream(defs), instance=instance, run_config=quiet).success
+assert dg.materialize(downstream(defs, through="sweep_db"), instance=instance,
+                      run_config=quiet).success
 add(2)
 filler = root / "filler"
 with open(filler, "wb") as f:

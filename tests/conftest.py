@@ -13,11 +13,11 @@ from tests.helpers import slurm_test_lock
 # One local SLURM cluster for the whole session, wherever tests point DECONFLOW_DATA.
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DECONFLOW_SLURM_DIR", str(REPO / "data" / "slurm"))
-# Its node advertises room for the tests of 4 xdist workers at once: SLURM only schedules
+# Its node advertises room for the tests of 6 xdist workers at once: SLURM only schedules
 # (the fake GPUs are /dev/null), so the jobs of one test never wait for another's.
-os.environ.setdefault("DECONFLOW_SLURM_CPUS", "16")
-os.environ.setdefault("DECONFLOW_SLURM_GPUS", "8")
-os.environ.setdefault("DECONFLOW_SLURM_SHARDS", "16")
+os.environ.setdefault("DECONFLOW_SLURM_CPUS", "24")
+os.environ.setdefault("DECONFLOW_SLURM_GPUS", "12")
+os.environ.setdefault("DECONFLOW_SLURM_SHARDS", "24")
 
 # One torch thread: tests share 2 cores with training subprocesses, and oversubscribed
 # OpenMP threads make small models many times slower.

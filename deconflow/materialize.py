@@ -45,6 +45,8 @@ EPHEMERAL_JOB = "__ephemeral_asset_job__"
 
 # Dagster's event log stays complete in the instance; the console shows only warnings.
 QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+# How Dagster names the error of a step or run stopped by an interrupt.
+INTERRUPTED = "DagsterExecutionInterruptedError"
 CANCEL_WAIT_S = 60.0  # for runs in flight to stop after Ctrl-C before they are killed
 CANCEL_MESSAGE = "the deconflow command that ran it was interrupted (Ctrl-C): cancelled"
 _LIVE = LIVE_STATUSES
@@ -77,14 +79,49 @@ def _worker_init(parent_pid: int) -> None:
     threading.Thread(target=watch_parent, daemon=True, name="parent-watch").start()
 
 
+class _NotTheInterruption:
+    """A logging filter: the step and run failures that an interrupt causes are the
+    cancellation this command announced itself; their stack traces would bury that line.
+    They stay in the instance's event log."""
+
+    def filter(self, record) -> bool:
+        return INTERRUPTED not in record.getMessage()
+
+
+def _console_logger():
+    """Dagster's console logger for the command's runs, less the interruption's failures."""
+    import logging
+
+    import dagster as dg
+
+    @dg.logger(
+        {"log_level": dg.Field(str, is_required=False, default_value="WARNING")},
+        description="The console of a deconflow command's runs",
+    )
+    def console(init_context):
+        level = logging.getLevelName(init_context.logger_config["log_level"].upper())
+        log = logging.Logger("dagster", level=level)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s - dagster - %(levelname)s - %(message)s")
+        )
+        handler.addFilter(_NotTheInterruption())
+        log.addHandler(handler)
+        return log
+
+    return console
+
+
 def _execute(assets: list, run_id: str, tags: dict, partition_key=None):
     """One Dagster run of ``assets`` with a given run id, in this process (a pool worker)."""
     import dagster as dg
 
     _quiet()
-    job = dg.Definitions(assets=assets, jobs=[dg.define_asset_job(EPHEMERAL_JOB)]).resolve_job_def(
-        EPHEMERAL_JOB
-    )
+    job = dg.Definitions(
+        assets=assets,
+        jobs=[dg.define_asset_job(EPHEMERAL_JOB)],
+        loggers={"console": _console_logger()},
+    ).resolve_job_def(EPHEMERAL_JOB)
     with dg.DagsterInstance.get() as instance:
         return job.execute_in_process(
             run_config=QUIET,

@@ -211,6 +211,13 @@ def _run(cmd: str, cwd: Path, env: dict, timeout: float) -> tuple[bool, str]:
         return serving or healthy, f"(stopped after the timeout) {out[-3000:]}"
 
 
+def _children_cpu() -> float:
+    import resource
+
+    use = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return use.ru_utime + use.ru_stime
+
+
 @pytest.mark.slow
 def test_documented_commands_run_on_a_fresh_setup(tmp_path):
     """A fresh copy of the repository (its tracked files), set up by scripts/setup.sh into
@@ -245,11 +252,12 @@ def test_documented_commands_run_on_a_fresh_setup(tmp_path):
             continue  # a lab's own resources, or a command of a shape already run
         seen.add(key)
         first = re.search(r"setup\.sh|deconflow demo", cmd) is not None
-        t = time.monotonic()
+        t, cpu = time.monotonic(), _children_cpu()
         ok, out = _run(cmd, fresh, env, timeout=SETUP_S if first else LONG_S)
-        times.append(f"{time.monotonic() - t:5.0f} s  {where}: {key[:70]}")
+        took = f"{time.monotonic() - t:5.0f} s ({_children_cpu() - cpu:4.0f} s CPU)"
+        times.append(f"{took}  {where}: {key[:70]}")
         if not ok:
             failures.append(f"{where}: {cmd}\n{out}")
-    assert len(seen) >= 5 and failures == [], "\n\n".join(failures)
+    assert len(seen) >= 5 and failures == [], "\n\n".join(failures + times)
     print(f"{len(seen)} documented commands ran in {time.monotonic() - t0:.0f} s:")
     print("\n".join(times))

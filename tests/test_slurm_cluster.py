@@ -75,7 +75,7 @@ def test_status_reports_all_daemons_up(slurm: cluster.ClusterInfo) -> None:
     st = cluster.status(slurm.state_dir)
     assert st["all_up"] and st["up"], st
     assert all(st["daemons"].values())
-    assert st["node_state"] in {"idle", "mixed", "allocated"}
+    assert st["node_state"] in cluster.NODE_OK_STATES  # other tests' jobs may be completing
     assert "gpu" in st["sinfo"]
     assert cluster.env(slurm.state_dir)["SLURM_CONF"] == str(slurm.slurm_conf)
     assert slurm.slurm_conf.is_file()

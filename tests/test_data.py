@@ -111,6 +111,32 @@ def test_digits() -> None:
     assert torch.equal(load_digits_dataset().x_train, ds.x_train)  # deterministic split
 
 
+def test_digits_are_scikit_learns_stratified_split_without_importing_it() -> None:
+    """The stored rows are exactly ``train_test_split(..., random_state=0, stratify=y)`` of
+    ``load_digits()``, in its order; loading them imports neither scikit-learn nor SciPy."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys; from deconflow.training.data import load_digits_dataset; "
+        "load_digits_dataset(); print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)[:, None]
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        images, digits.target, test_size=0.2, random_state=0, stratify=digits.target
+    )
+    ds = load_digits_dataset()
+    assert np.array_equal(ds.x_train.numpy(), x_tr) and np.array_equal(ds.x_test.numpy(), x_te)
+    assert np.array_equal(ds.y_train.numpy(), y_tr) and np.array_equal(ds.y_test.numpy(), y_te)
+
+
 def test_load_dataset_dispatch_and_cap(tmp_path: Path) -> None:
     folder = write_cifar_fixture(tmp_path, n_per_batch=20)
     ds = load_dataset(TrainConfig(dataset="cifar10", data_dir=str(folder), n_train=30, n_test=5))

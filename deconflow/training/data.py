@@ -9,6 +9,7 @@ downloaded: CIFAR-10 is read from the standard python-pickle folder at a configu
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,18 +188,34 @@ def load_cifar10(path: str | Path) -> Dataset:
     )
 
 
-def load_digits_dataset() -> Dataset:
-    """scikit-learn's 8×8 digits: real images shipped with an installed package, for demos."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+# The train/test rows of the digits: ``train_test_split(arange(1797), test_size=0.2,
+# random_state=0, stratify=labels)`` with scikit-learn 1.x, in its order, saved once.
+DIGITS_SPLIT = Path(__file__).with_name("digits_split.npz")
 
-    digits = load_digits()
-    images = np.rint(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    images = images[:, None, :, :]
-    labels = digits.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        images, labels, test_size=0.2, random_state=0, stratify=labels
-    )
+
+def _digits_csv() -> Path:
+    """scikit-learn's ``digits.csv.gz``, found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the digits demo data comes with scikit-learn: pip install scikit-learn")
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
+    if not path.is_file():
+        raise DataError(f"scikit-learn's digits data is missing: {path}")
+    return path
+
+
+def load_digits_dataset() -> Dataset:
+    """scikit-learn's 8×8 digits: real images shipped with an installed package, for demos.
+
+    Read from the package's CSV with numpy and split by the stored rows (``DIGITS_SPLIT``):
+    importing scikit-learn (and SciPy with it) cost every demo training 3 s of start-up."""
+    raw = np.loadtxt(_digits_csv(), delimiter=",")
+    images = np.rint(raw[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).clip(0, 255)
+    images = images.astype(np.uint8)[:, None, :, :]
+    labels = raw[:, -1].astype(np.int64)
+    with np.load(DIGITS_SPLIT) as split:
+        train, test = split["train"].astype(np.int64), split["test"].astype(np.int64)
+    x_tr, x_te, y_tr, y_te = images[train], images[test], labels[train], labels[test]
     return _make_dataset(
         "digits",
         torch.from_numpy(np.ascontiguousarray(x_tr)),

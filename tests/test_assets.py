@@ -293,7 +293,8 @@ def test_rerun_replaces_rows_without_duplicates(sweep):
         [asset(defs, "training_run")], partition_key=partition_key(OK[0]), instance=instance
     )
     assert res.success
-    assert dg.materialize(downstream(defs), instance=instance, raise_on_error=False).success
+    writer = downstream(defs, through="sweep_db")  # the rows; figures and report are not
+    assert dg.materialize(writer, instance=instance, raise_on_error=False).success
     con = _db()
     dups = con.execute(
         "SELECT run_id, step, count(*) c FROM batch_metrics GROUP BY 1, 2 HAVING c > 1"
@@ -317,7 +318,9 @@ def test_a_failing_quality_gate_names_its_runs(sweep):
     path = data_path("runs", OK[1].key, "batch_metrics.parquet")
     df = pd.read_parquet(path)
     df.iloc[:-5].to_parquet(path, index=False)
-    res = dg.materialize(downstream(defs), instance=instance, raise_on_error=False)
+    res = dg.materialize(
+        downstream(defs, through="sweep_db"), instance=instance, raise_on_error=False
+    )
     qg = {e.check_name: e for e in res.get_asset_check_evaluations()}["quality_gates"]
     assert not qg.passed and qg.description.startswith("NO-GO")
     assert OK[1].key in qg.description and OK[1].key in qg.metadata["failing_runs"].value

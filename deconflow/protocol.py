@@ -68,6 +68,9 @@ LOCK_DIR = ".locks"  # under the work root: one lock file per cell (one attempt 
 SLURM_DIR = "slurm"  # job.sh, job_id, job.json of the SLURM attempt
 SLURM_SCRIPT = "job.sh"
 SLURM_JOB_ID = "job_id"
+# Written just before sbatch: newer than job_id when the orchestrator died between sbatch's
+# answer and the job id's write, so the next attempt looks the job up by name instead.
+SLURM_SUBMITTING = "submitting"
 SLURM_JOB_INFO = "job.json"
 
 # Metric families: one Parquet file each, keyed by run_id and step (SPEC section 3).

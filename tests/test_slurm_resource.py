@@ -325,3 +325,24 @@ def test_time_limit_ends_timeout(timeout_run) -> None:
     assert out["tags"]["deconflow/failure_class"] == "timeout"
     assert out["tags"][STATE_TAG] == "TIMEOUT"
     assert [s for _, s in sacct_by_name(timeout_run["name"])] == ["TIMEOUT"]
+
+
+@cluster_test
+def test_a_job_whose_id_was_never_recorded_is_found_by_its_name(slurm_cluster, tmp_path) -> None:
+    """The orchestrator was killed between sbatch's answer and writing ``job_id`` (seen in
+    the queue-restart test under load): the next attempt finds the completed job by its
+    exact name in SLURM's accounting since the ``submitting`` mark and reports it, instead
+    of submitting the partition a second time."""
+    prefix = _prefix()
+    res = SlurmResource(**slurm_config(slurm_cluster, prefix))
+    work = tmp_path / "work" / CELL.key
+    sdir = work / "slurm"
+    sdir.mkdir(parents=True)
+    (sdir / "submitting").write_text(f"{time.time()}\n")  # what launch writes before sbatch
+    script = sdir / "job.sh"
+    script.write_text(res.render_script(CELL, ["true"], {}, work))
+    job = res.submit(script)  # ... and then the process died: no job_id file
+    name = f"{prefix}-{CELL.key}"
+    assert wait_sacct_state(name, "COMPLETED") == [(job, "COMPLETED")]
+    (work / "summary.json").write_text(json.dumps({"outcome": "completed"}))
+    assert res.finished_job(CELL, work) == job

@@ -63,6 +63,7 @@ from deconflow.protocol import (
     SLURM_JOB_TAG,
     SLURM_SCRIPT,
     SLURM_STATE_TAG,
+    SLURM_SUBMITTING,
     SUMMARY,
     TRAIN_LOG,
 )
@@ -211,17 +212,31 @@ class SlurmResource(job_option_fields(JobOptions)):
         """The recorded job of this partition if SLURM says it COMPLETED and its summary was
         written after it was submitted: an orchestrator that stopped while it ran never
         reported it, and the next attempt reports these results instead of training again."""
-        sdir = Path(work) / SLURM_DIR
-        job_id = _read_text(sdir / SLURM_JOB_ID)
-        summary = Path(work) / SUMMARY
+        job_id, submitted = self._last_submission(cell, Path(work) / SLURM_DIR)
         try:
-            fresh = summary.stat().st_mtime >= (sdir / SLURM_JOB_ID).stat().st_mtime
+            fresh = (Path(work) / SUMMARY).stat().st_mtime >= submitted
         except OSError:
             return None
         if not job_id or not fresh:
             return None
         st = self._poller().end_states([job_id]).get(job_id)
         return job_id if st is not None and st.base_state == "COMPLETED" else None
+
+    def _last_submission(self, cell: Cell, sdir: Path) -> tuple[str, float]:
+        """(job id, when) of this partition's last sbatch; ("", 0) when there is none.
+
+        The id is written once sbatch answers. An orchestrator killed in between leaves only
+        the ``submitting`` mark written before sbatch: the job is then found by its exact
+        name in SLURM's accounting since that mark (no accounting: none is found, as before).
+        """
+        recorded, mark = _mtime(sdir / SLURM_JOB_ID), _mtime(sdir / SLURM_SUBMITTING)
+        if mark is not None and (recorded is None or mark > recorded):
+            try:
+                jobs = commands.jobs_named_since(self.job_name(cell), mark, self.client_env())
+            except SlurmError:
+                jobs = []
+            return (jobs[-1][0], mark) if jobs else ("", 0.0)
+        return _read_text(sdir / SLURM_JOB_ID), recorded or 0.0
 
     def submit(self, script: Path) -> str:
         """``sbatch --parsable``; returns the job id.
@@ -275,6 +290,7 @@ class SlurmResource(job_option_fields(JobOptions)):
                 return job
             else:
                 atomic_write_text(sdir / SLURM_SCRIPT, script_text, mode=0o700)
+                atomic_write_text(sdir / SLURM_SUBMITTING, f"{time.time()}\n")
                 job = SlurmJob(self.submit(sdir / SLURM_SCRIPT), name)
                 state = "PENDING"
                 context.log.info(
@@ -478,6 +494,13 @@ def _exited_on_usr1(st: JobState) -> bool:
 
 def _add_tags(context, tags: dict[str, str]) -> None:
     context.instance.add_run_tags(context.run.run_id, tags)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _read_text(path: Path) -> str:

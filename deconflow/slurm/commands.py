@@ -158,6 +158,23 @@ def live_jobs_named(name: str, env: dict[str, str]) -> list[tuple[str, str]]:
     return found
 
 
+def jobs_named_since(name: str, since: float, env: dict[str, str]) -> list[tuple[str, str]]:
+    """(job id, state) of every job with exactly this name submitted at or after ``since``
+    (epoch seconds), oldest first, from SLURM's accounting (sacct)."""
+    start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(int(since) - 1))
+    out = run_client(
+        ["sacct", "-n", "-P", "-X", f"--name={name}", f"--starttime={start}",
+         "--format=JobID,State,JobName,Submit"], env,
+    ).stdout  # fmt: skip
+    found = []
+    for line in out.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 3 and parts[2] == name:
+            found.append((parts[0], parts[1].split()[0]))
+    found.sort(key=lambda js: int(js[0].split("_")[0]))
+    return found
+
+
 def job_stdout(job_id: str, env: dict[str, str]) -> str | None:
     """The StdOut path SLURM records for a job (scontrol), or None."""
     info = parse_scontrol(run_client(["scontrol", "-o", "show", "job", job_id], env).stdout)

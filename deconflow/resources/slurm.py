@@ -20,7 +20,9 @@ Why it looks the way it does:
   adopted instead (under a file lock, so two runs of one partition cannot both submit). Its
   Pipes files sit at the same paths, so its messages still reach the new run; if its
   materialization message was lost while no orchestrator listened, the materialization is
-  rebuilt from the run's ``summary.json``.
+  rebuilt from the run's ``summary.json``. A ``submitting`` mark is written before sbatch, so
+  a job whose id was never recorded (the orchestrator died in between) is still found, by
+  its exact name in SLURM's accounting.
 - **No shell injection.** Every config value and the cell key is validated against a strict
   pattern and quoted before it reaches the script or a command line; commands run without a
   shell. ``setup_lines`` are the exception by design: they are the user's own shell (module

@@ -38,12 +38,7 @@ def downstream(defs: dg.Definitions, through: str | None = None) -> list:
     repo = defs.get_repository_def()
     keep = None
     if through is not None:
-        graph, keep, todo = repo.asset_graph, set(), [dg.AssetKey(through)]
-        while todo:
-            key = todo.pop()
-            if key not in keep:
-                keep.add(key)
-                todo.extend(graph.get(key).parent_keys)
+        keep = dg.AssetSelection.assets(through).upstream().resolve(repo.asset_graph)
     assets = [
         a
         for k, a in repo.assets_defs_by_key.items()
@@ -59,6 +54,15 @@ def downstream(defs: dg.Definitions, through: str | None = None) -> list:
 
 def data_path(*parts: str) -> Path:
     return Path(os.environ["DECONFLOW_DATA"]).joinpath(*parts)
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def free_port() -> int:

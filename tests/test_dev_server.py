@@ -10,12 +10,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from deconflow.dev_server import TERM_S
-from tests.helpers import wait_until
+from tests.helpers import alive, wait_until
 
 GRACE_S = 1.0
 # A stand-in for `dagster dev` with a run in flight: it ignores SIGINT and SIGTERM (as a
@@ -34,14 +33,6 @@ open(tmp, "w").write(json.dumps({"worker": worker.pid, "training": training.pid}
 import os; os.rename(tmp, sys.argv[1])
 time.sleep(600)
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])

@@ -15,7 +15,7 @@ import requests
 
 from deconflow.partitions import partition_key
 from deconflow.sweep import Cell
-from tests.helpers import free_port, wait_until
+from tests.helpers import alive, free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -72,14 +72,6 @@ def is_training(pid: int) -> bool:
         return b"deconflow.training.run" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2] != "Z"
 
 
 def test_dev_stops_within_30s_with_a_run_in_flight(sweep_env):

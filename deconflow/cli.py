@@ -138,7 +138,7 @@ def cmd_materialize(args: argparse.Namespace) -> int:
         raise GridError(f"{where}: {e.description}") from None
     except (GridError, TypeError) as e:  # a bad value, an unknown TrainConfig field
         raise GridError(f"{where}: {e}") from None
-    ensure_dagster_home()
+    ensure_dagster_home(pools=False)  # materialize_cells opens the instance once, with pools
     print(f"materializing {len(cells)} partition(s), {args.workers} at a time")
     failed = materialize_cells(cells, args.workers)
     ok = True
@@ -273,6 +273,18 @@ def _version() -> str:
         return "unknown"
 
 
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked (the metadata scan costs every command
+    about 0.1 s)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="show the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"deconflow {_version()}")  # on stdout, as argparse's own version action
+        parser.exit()
+
+
 def _service_parser(sub, name: str, help: str, description: str, rest_help: str, func) -> None:
     """``deconflow slurm|postgres ACTION [OPTIONS]``: a dev service, its options passed on."""
     c = sub.add_parser(name, help=help, description=description)
@@ -287,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         epilog="settings: DECONFLOW_* environment variables, see docs/configuration.md",
     )
-    p.add_argument("--version", action="version", version=f"deconflow {_version()}")
+    p.add_argument("--version", action=_VersionAction)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser(

@@ -46,7 +46,7 @@ def run_demo(workers: int = 2, all_cells: bool = False, seeds: int = 2) -> int:
     from deconflow.instance import ensure_dagster_home
 
     os.environ.setdefault("DECONFLOW_PROFILE", "demo")
-    home = ensure_dagster_home()
+    home = ensure_dagster_home(pools=False)  # materialize_cells sets the pools
     from deconflow.status import format_grid, live_runs_table, run_sql
     from deconflow.sweep import load_grid
 

@@ -93,8 +93,11 @@ telemetry:
 """
 
 
-def ensure_dagster_home() -> Path:
-    """Create the home with deconflow's dagster.yaml and export DAGSTER_HOME; returns it."""
+def ensure_dagster_home(pools: bool = True) -> Path:
+    """Create the home with deconflow's dagster.yaml and export DAGSTER_HOME; returns it.
+
+    ``pools=False`` leaves the pools to a caller that opens the instance anyway
+    (``ensure_pools(instance)``): each opening costs the storage's migration checks."""
     home = Path(os.environ.get("DAGSTER_HOME") or data_root() / "dagster_home").resolve()
     home.mkdir(parents=True, exist_ok=True)
     yaml = home / "dagster.yaml"
@@ -104,14 +107,15 @@ def ensure_dagster_home() -> Path:
             yaml.write_text(text)
             yaml.chmod(0o600)  # it may hold the database password
     os.environ["DAGSTER_HOME"] = str(home)
-    ensure_pools()
+    if pools:
+        import dagster as dg
+
+        with dg.DagsterInstance.get() as instance:
+            ensure_pools(instance)
     return home
 
 
-def ensure_pools() -> None:
+def ensure_pools(instance) -> None:
     """The single DuckDB writer: the ``duckdb`` pool has exactly one slot."""
-    import dagster as dg
-
-    with dg.DagsterInstance.get() as instance:
-        if instance.event_log_storage.get_concurrency_info(DUCKDB_POOL).slot_count != 1:
-            instance.event_log_storage.set_concurrency_slots(DUCKDB_POOL, 1)
+    if instance.event_log_storage.get_concurrency_info(DUCKDB_POOL).slot_count != 1:
+        instance.event_log_storage.set_concurrency_slots(DUCKDB_POOL, 1)

@@ -326,8 +326,10 @@ def materialize_cells(
     import dagster as dg
     from tqdm import tqdm
 
-    with dg.DagsterInstance.get():
-        pass  # create/migrate the instance's storage once, before workers open it
+    from deconflow.instance import ensure_pools
+
+    with dg.DagsterInstance.get() as instance:  # storage created/migrated before workers open it
+        ensure_pools(instance)
     depth = _queue_depth(workers)
     pool = min(len(cells), workers + depth)
     if pool > workers:

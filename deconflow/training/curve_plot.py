@@ -24,10 +24,9 @@ from deconflow.protocol import LEARNING_CURVE, SUMMARY, family_file
 
 def render_learning_curve(run_dir: Path, title: str | None = None, dpi: int = 80) -> bytes:
     """PNG bytes of the run's learning curve (about 30-50 KB)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The Figure API without pyplot: no backend switching, no global figure registry.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     run_dir = Path(run_dir)
     batch = pd.read_parquet(
@@ -47,7 +46,9 @@ def render_learning_curve(run_dir: Path, title: str | None = None, dpi: int = 80
     step = batch["step"].to_numpy(float)
     loss = batch["loss_nats"].to_numpy(float)
     ok = np.isfinite(loss) & (loss > 0)
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    fig = Figure(figsize=(6.4, 3.8))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.loglog(step[ok], loss[ok], color="0.55", lw=0.6, label="train loss (per step)")
     vloss = val["val_loss"].to_numpy(float)
     vok = np.isfinite(vloss) & (vloss > 0)
@@ -103,7 +104,6 @@ def render_learning_curve(run_dir: Path, title: str | None = None, dpi: int = 80
     ax.legend(fontsize=7, loc="lower left")
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 

@@ -32,7 +32,7 @@ from deconflow.protocol import (
 )
 from deconflow.schedule import Schedule, lr_at
 from deconflow.sweep import Cell
-from deconflow.training import monitors
+from deconflow.training import monitors, optim
 from deconflow.training.augment import normalize, random_resized_crop_flip, to_float
 from deconflow.training.checkpoints import (
     CheckpointError,
@@ -102,12 +102,10 @@ def _inject_fault(cfg: TrainConfig, step: int, plan: dict[int, list[str]]) -> st
     return None
 
 
-def build_optimizer(cell: Cell, optimizer: str, params: list) -> torch.optim.Optimizer:
+def build_optimizer(cell: Cell, optimizer: str, params: list) -> optim.SGD | optim.AdamW:
     if optimizer == "adamw":
-        return torch.optim.AdamW(
-            params, lr=cell.lr, betas=(0.9, 0.999), weight_decay=cell.weight_decay
-        )
-    return torch.optim.SGD(params, lr=cell.lr, momentum=0.9, weight_decay=cell.weight_decay)
+        return optim.AdamW(params, lr=cell.lr, betas=(0.9, 0.999), weight_decay=cell.weight_decay)
+    return optim.SGD(params, lr=cell.lr, momentum=0.9, weight_decay=cell.weight_decay)
 
 
 class BatchOrder:

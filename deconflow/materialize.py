@@ -25,8 +25,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 
 from deconflow import settings
 from deconflow.protocol import (
@@ -36,6 +37,8 @@ from deconflow.protocol import (
     KIND_TAG,
     LAUNCHED_BY_TAG,
     LIVE_STATUSES,
+    LOCK_DIR,
+    SLURM_JOB_TAG,
     TRAINING_ASSET,
 )
 from deconflow.sweep import Cell
@@ -316,6 +319,57 @@ def _queue_depth(workers: int) -> int:
     return slurm_queue_depth(workers)
 
 
+def _start_ahead(cells: list[Cell], started: dict[str, str]) -> None:
+    """SLURM: submit the jobs of the cells whose runs start first before those runs exist, so
+    that each job's start-up overlaps its run worker's (``ComputeResource.start_ahead``; the
+    run takes the job over); ``started`` gets {cell key: job id}. A cell that another attempt
+    holds, or that was attempted here before, is left to its run; so is a refused sbatch
+    (its run reports the refusal)."""
+    if not cells or settings.get("DECONFLOW_COMPUTE") != "slurm":
+        return
+    from deconflow.attempt_lock import AttemptInProgress, attempt_lock
+    from deconflow.resources import compute_from_env, sweep_from_env
+    from deconflow.resources.compute import TrainingFailed
+    from deconflow.settings import work_dir
+    from deconflow.slurm.commands import SlurmError
+
+    compute, sweep = compute_from_env(), sweep_from_env()
+    overrides = sweep.overrides()
+    for cell in cells:
+        with _interrupts_held():  # a Ctrl-C here acts once the job is in ``started``
+            try:
+                with attempt_lock(work_dir() / LOCK_DIR, cell.key, "ahead of its run"):
+                    job = compute.start_ahead(cell, sweep.profile, overrides, work_dir() / cell.key)
+            except (AttemptInProgress, SlurmError, TrainingFailed):
+                continue
+            if job:
+                started[cell.key] = job
+
+
+@contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM/SIGHUP until the block ends (then they act as usual)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _Interrupts.SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _cancel_ahead(jobs: dict[str, str], finished: set[str]) -> None:
+    """After a Ctrl-C: stop the jobs submitted ahead whose runs did not finish (a run that
+    took its job over has cancelled it already; scancel of an ended job is harmless)."""
+    from deconflow.resources import compute_from_env
+
+    compute = compute_from_env()
+    for key, job in jobs.items():
+        if key not in finished:
+            compute.cancel_run_job({SLURM_JOB_TAG: job})
+
+
 def materialize_cells(
     cells: list[Cell], workers: int = 2, launched_by: str = "deconflow materialize"
 ) -> list[str]:
@@ -328,32 +382,40 @@ def materialize_cells(
 
     from deconflow.instance import ensure_pools
 
-    with dg.DagsterInstance.get() as instance:  # storage created/migrated before workers open it
-        ensure_pools(instance)
     depth = _queue_depth(workers)
     pool = min(len(cells), workers + depth)
-    if pool > workers:
-        print(f"SLURM queue depth {depth}: up to {pool - workers} more job(s) wait in its queue")
     t0 = time.monotonic()
+    ahead: dict[str, str] = {}
     failed: list[str] = []
-    with tqdm(total=len(cells), unit="run", file=sys.stdout, dynamic_ncols=True) as bar:
+    finished: set[str] = set()
+    try:
+        _start_ahead(cells[:pool], ahead)
+        with dg.DagsterInstance.get() as instance:  # storage made before workers open it
+            ensure_pools(instance)
+        if pool > workers:
+            waiting = pool - workers
+            print(f"SLURM queue depth {depth}: up to {waiting} more job(s) wait in its queue")
+        with tqdm(total=len(cells), unit="run", file=sys.stdout, dynamic_ncols=True) as bar:
 
-        def done(res) -> None:
-            key, ok, outcome, secs = res
-            bar.set_postfix_str(f"{key} {outcome} {secs:.0f}s")
-            bar.update()
-            if not ok:
-                failed.append(key)
+            def done(res) -> None:
+                key, ok, outcome, secs = res
+                finished.add(key)
+                bar.set_postfix_str(f"{key} {outcome} {secs:.0f}s")
+                bar.update()
+                if not ok:
+                    failed.append(key)
 
-        def error(args: tuple, e: BaseException) -> None:
-            bar.update()
-            failed.append(args[0])
-            print(f"deconflow: {args[0]}: worker failed: {e}", file=sys.stderr)
+            def error(args: tuple, e: BaseException) -> None:
+                bar.update()
+                failed.append(args[0])
+                print(f"deconflow: {args[0]}: worker failed: {e}", file=sys.stderr)
 
-        tasks = [(_materialize_cell, (c.key, launched_by)) for c in cells]
-        interrupted = _run_all(tasks, pool, done, error)
-    if interrupted:
-        raise KeyboardInterrupt
+            tasks = [(_materialize_cell, (c.key, launched_by)) for c in cells]
+            if _run_all(tasks, pool, done, error):
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:  # also one before the runs started: no job is left behind
+        _cancel_ahead(ahead, finished)
+        raise
     print(
         f"trained {len(cells) - len(failed)}/{len(cells)} cells in {time.monotonic() - t0:.0f}s"
         + (f"; failed: {', '.join(sorted(failed))}" if failed else "")

@@ -62,6 +62,32 @@ def log_tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
+def pipes_env(work: Path) -> dict[str, str]:
+    """The Pipes bootstrap variables of a work folder, as the run's session hands them to its
+    training (context and messages files in ``work/.pipes``): for a job started before that
+    session exists (``start_ahead``)."""
+    from dagster_pipes import (
+        DAGSTER_PIPES_CONTEXT_ENV_VAR,
+        DAGSTER_PIPES_MESSAGES_ENV_VAR,
+        PipesDefaultContextLoader,
+        PipesDefaultMessageWriter,
+        encode_env_var,
+    )
+
+    folder = Path(work) / PIPES_DIR
+    return {
+        DAGSTER_PIPES_CONTEXT_ENV_VAR: encode_env_var(
+            {PipesDefaultContextLoader.FILE_PATH_KEY: str(folder / PIPES_CONTEXT)}
+        ),
+        DAGSTER_PIPES_MESSAGES_ENV_VAR: encode_env_var(
+            {
+                PipesDefaultMessageWriter.FILE_PATH_KEY: str(folder / PIPES_MESSAGES),
+                PipesDefaultMessageWriter.INCLUDE_STDIO_IN_MESSAGES_KEY: False,
+            }
+        ),
+    }
+
+
 @dataclass
 class Outcome:
     """How a launched training process ended."""
@@ -110,6 +136,12 @@ class ComputeResource(dg.ConfigurableResource):
     def has_live_attempt(self, cell: Cell, work: Path) -> bool:
         """Whether a job of this cell still runs (its work folder must then be kept)."""
         return False
+
+    def start_ahead(self, cell: Cell, profile: str, overrides: dict, work: Path) -> str | None:
+        """Start ``cell``'s training before its Dagster run exists, for the run to take over;
+        returns what was started, or None. Only where a queue holds the job until a slot is
+        free (SLURM); a local process has no such queue: its slots are the run workers."""
+        return None
 
     def finished_job(self, cell: Cell, work: Path) -> str | None:
         """The id of this cell's last job if it ended well after writing its summary (its

@@ -74,6 +74,7 @@ from deconflow.resources.compute import (
     Outcome,
     TrainingFailed,
     log_tail,
+    pipes_env,
     summary_metadata,
 )
 from deconflow.slurm import commands
@@ -90,6 +91,10 @@ from deconflow.slurm.script import (
 from deconflow.sweep import Cell
 
 __all__ = ["SlurmConfigError", "SlurmError", "SlurmJob", "SlurmResource", "summary_metadata"]
+
+# How long a job submitted ahead of its run waits for the run's Pipes files before it trains
+# without them (its results are then taken from summary.json).
+AHEAD_PIPES_WAIT_S = 300.0
 
 
 @dataclass
@@ -271,7 +276,14 @@ class SlurmResource(job_option_fields(JobOptions)):
                 context.log.warning(f"cancelling duplicate SLURM job {extra_id} of {name}")
                 commands.scancel(extra_id, self.client_env())
             done = None if live else self.finished_job(cell, work)
-            if live:
+            if live and live[0][0] == _submitted_ahead(work):
+                job = SlurmJob(live[0][0], name)
+                state = live[0][1]
+                context.log.info(
+                    f"took over SLURM job {job.job_id} ({state}) of {cell.key}: the deconflow "
+                    "command submitted it ahead of this run"
+                )
+            elif live:
                 job = SlurmJob(live[0][0], name, adopted=True)
                 state = live[0][1]
                 context.log.warning(
@@ -304,6 +316,33 @@ class SlurmResource(job_option_fields(JobOptions)):
         _add_tags(context, {SLURM_JOB_TAG: job.job_id, SLURM_STATE_TAG: state})
         self._poller().track(job.job_id, self.poll_interval_s)
         return job
+
+    def start_ahead(self, cell: Cell, profile: str, overrides: dict, work: Path) -> str | None:
+        """Submit the job of a cell never attempted here, before its Dagster run exists.
+
+        ``deconflow materialize`` calls it while its run workers are still starting, so the
+        job's start-up (allocation, interpreter, torch) overlaps theirs. The job waits for the
+        run's Pipes files (``--pipes-wait-s``), and the run's ``launch`` takes it over instead
+        of submitting. Only without a work folder: an earlier attempt's folder is the run's to
+        judge (resume, re-attach, report or clear). Returns the job id, or None.
+        """
+        work = Path(work)
+        if work.exists():
+            return None
+        sdir = work / SLURM_DIR
+        sdir.mkdir(parents=True)
+        cmd = [*self.command(cell, profile, overrides, work), "--pipes-wait-s"]
+        cmd.append(f"{AHEAD_PIPES_WAIT_S:g}")
+        env = {**pipes_env(work), "PYTHONUNBUFFERED": "1"}
+        with flock(sdir / ".submit.lock"):
+            atomic_write_text(
+                sdir / SLURM_SCRIPT, self.render_script(cell, cmd, env, work.resolve()), mode=0o700
+            )
+            atomic_write_text(sdir / SLURM_SUBMITTING, f"{time.time()}\n")
+            job = SlurmJob(self.submit(sdir / SLURM_SCRIPT), self.job_name(cell))
+            atomic_write_text(sdir / SLURM_JOB_ID, job.job_id + "\n")
+        self._record(work, job, "PENDING", ahead=True)
+        return job.job_id
 
     def wait(self, context, cell, handle: SlurmJob, work) -> Outcome:
         """Block on the shared poller's table until the job ends; map its end state."""
@@ -441,12 +480,24 @@ class SlurmResource(job_option_fields(JobOptions)):
             tags=result.tags,
         )
 
-    def _record(self, work: Path, job: SlurmJob, state: str, st: JobState | None = None) -> None:
-        """``work/slurm/job.json``: the job as the run last saw it (read by train_cell)."""
+    def _record(
+        self, work: Path, job: SlurmJob, state: str, st: JobState | None = None, ahead=False
+    ) -> None:
+        """``work/slurm/job.json``: the job as the run last saw it (read by train_cell); a job
+        submitted ahead of its run says so until a run takes it over."""
         info = {"job_id": job.job_id, "name": job.name, "adopted": job.adopted, "state": state}
+        if ahead:
+            info["ahead"] = True
         if st is not None:
             info["last"] = asdict(st)
         atomic_write_text(Path(work) / SLURM_DIR / SLURM_JOB_INFO, json.dumps(info, indent=2))
+
+
+def _submitted_ahead(work: Path) -> str:
+    """The id of the job submitted ahead of its run (``start_ahead``) that no run has taken
+    over yet; '' if none."""
+    info = _read_json(Path(work) / SLURM_DIR / SLURM_JOB_INFO)
+    return str(info.get("job_id", "")) if info.get("ahead") else ""
 
 
 def _training_finished(work: Path, job: SlurmJob) -> bool:

@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -66,12 +67,46 @@ def run_cell(cell: Cell, cfg, out: Path, pipes=None) -> dict:
     return summary
 
 
+def wait_for_pipes(timeout_s: float, poll_s: float = 0.05) -> bool:
+    """Wait until the Dagster run has written this job's Pipes files; whether it did.
+
+    A SLURM job that ``deconflow materialize`` submits ahead of its run starts before the run
+    has opened its Pipes session. The session writes the context first and then creates the
+    messages file, so both must be there (and the context whole) before the job may talk.
+    """
+    from dagster_pipes import (
+        DAGSTER_PIPES_CONTEXT_ENV_VAR,
+        DAGSTER_PIPES_MESSAGES_ENV_VAR,
+        decode_env_var,
+    )
+
+    context = Path(decode_env_var(os.environ[DAGSTER_PIPES_CONTEXT_ENV_VAR])["path"])
+    messages = Path(decode_env_var(os.environ[DAGSTER_PIPES_MESSAGES_ENV_VAR])["path"])
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if messages.exists():
+            try:
+                json.loads(context.read_text())
+                return True
+            except (OSError, ValueError):
+                pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m deconflow.training.run")
     p.add_argument("--key", required=True)
     p.add_argument("--profile", default="demo")
     p.add_argument("--out", required=True)
     p.add_argument("--overrides", default="{}", help="JSON object of TrainConfig overrides")
+    p.add_argument(
+        "--pipes-wait-s",
+        type=float,
+        default=0.0,
+        help="wait this long for the Dagster run's Pipes files (a job submitted ahead of its run)",
+    )
     args = p.parse_args(argv)
     cell = parse_key(args.key)
     overrides = json.loads(args.overrides)
@@ -89,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("DAGSTER_PIPES_CONTEXT"):
             from dagster_pipes import open_dagster_pipes
 
+            if args.pipes_wait_s > 0 and not wait_for_pipes(args.pipes_wait_s):
+                print(f"[deconflow] no Dagster run opened Pipes in {args.pipes_wait_s:.0f} s")
             try:
                 pipes = stack.enter_context(open_dagster_pipes())
             except FileNotFoundError as e:

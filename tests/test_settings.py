@@ -14,10 +14,12 @@ from deconflow.settings import SETTINGS, SettingError
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = re.compile(r"DECONFLOW_[A-Z0-9_]*[A-Z0-9]")
-# A read of the environment with a DECONFLOW_ name (a write, e.g. setdefault or a child's
-# env dict, is not a read).
+# A read of the environment with a DECONFLOW_ name, or one held in a ``*_VAR`` constant (a
+# write, e.g. setdefault or a child's env dict, is not a read). Dagster's own Pipes variables
+# (``DAGSTER_PIPES_*_ENV_VAR``, read by the training process) are not settings.
 READ = re.compile(
-    r"""(os\.environ\.get\(|os\.getenv\(|os\.environ\[)\s*(["']DECONFLOW_|p \+|[A-Z_]+_VAR)"""
+    r"""(os\.environ\.get\(|os\.getenv\(|os\.environ\[)\s*"""
+    r"""(["']DECONFLOW_|p \+|(?!DAGSTER_PIPES_)[A-Z_]+_VAR)"""
 )
 # Where DECONFLOW_* may be read: the settings module and the dev tools (deconflow_dev: their
 # own ports and state folders).

@@ -49,6 +49,7 @@ from deconflow.protocol import (
 from deconflow.sweep import Cell
 
 TRAINING_MODULE = "deconflow.training.run"  # run as `python -m` (never imported here)
+TRAINING_ENV = {"PYTHONUNBUFFERED": "1"}  # log lines reach train.log as they are printed
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
@@ -209,7 +210,7 @@ class ComputeResource(dg.ConfigurableResource):
             message_reader=PipesFileMessageReader(str(pipes_dir / PIPES_MESSAGES)),
             extras={"cell": cell.key, "profile": profile},
         ) as session:
-            env = {**session.get_bootstrap_env_vars(), "PYTHONUNBUFFERED": "1"}
+            env = {**session.get_bootstrap_env_vars(), **TRAINING_ENV}
             cmd = self.command(cell, profile, overrides, work)
             handle = self.launch(context, cell, cmd, env, work)
             try:

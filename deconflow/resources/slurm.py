@@ -70,6 +70,7 @@ from deconflow.protocol import (
     TRAIN_LOG,
 )
 from deconflow.resources.compute import (
+    TRAINING_ENV,
     ComputeResource,
     Outcome,
     TrainingFailed,
@@ -95,6 +96,7 @@ __all__ = ["SlurmConfigError", "SlurmError", "SlurmJob", "SlurmResource", "summa
 # How long a job submitted ahead of its run waits for the run's Pipes files before it trains
 # without them (its results are then taken from summary.json).
 AHEAD_PIPES_WAIT_S = 300.0
+SUBMIT_LOCK = ".submit.lock"  # in work/slurm/: one submission of a partition at a time
 
 
 @dataclass
@@ -270,7 +272,7 @@ class SlurmResource(job_option_fields(JobOptions)):
         name = self.job_name(cell)
         sdir = work / SLURM_DIR
         sdir.mkdir(parents=True, exist_ok=True)
-        with flock(sdir / ".submit.lock"):
+        with flock(sdir / SUBMIT_LOCK):
             live = self.find_live_job(name, work)
             for extra_id, _ in live[1:]:  # never more than one live job per partition
                 context.log.warning(f"cancelling duplicate SLURM job {extra_id} of {name}")
@@ -333,8 +335,8 @@ class SlurmResource(job_option_fields(JobOptions)):
         sdir.mkdir(parents=True)
         cmd = [*self.command(cell, profile, overrides, work), "--pipes-wait-s"]
         cmd.append(f"{AHEAD_PIPES_WAIT_S:g}")
-        env = {**pipes_env(work), "PYTHONUNBUFFERED": "1"}
-        with flock(sdir / ".submit.lock"):
+        env = {**pipes_env(work), **TRAINING_ENV}
+        with flock(sdir / SUBMIT_LOCK):
             atomic_write_text(
                 sdir / SLURM_SCRIPT, self.render_script(cell, cmd, env, work.resolve()), mode=0o700
             )
@@ -481,7 +483,12 @@ class SlurmResource(job_option_fields(JobOptions)):
         )
 
     def _record(
-        self, work: Path, job: SlurmJob, state: str, st: JobState | None = None, ahead=False
+        self,
+        work: Path,
+        job: SlurmJob,
+        state: str,
+        st: JobState | None = None,
+        ahead: bool = False,
     ) -> None:
         """``work/slurm/job.json``: the job as the run last saw it (read by train_cell); a job
         submitted ahead of its run says so until a run takes it over."""

@@ -160,7 +160,16 @@ def test_ctrl_c_right_after_the_submission_ahead_leaves_no_job(
     prefix = _prefix()
     cmd, env = _cli(tmp_path, slurm_cluster, prefix, epochs=30)
     job_id = tmp_path / "data" / "work" / CELL.key / SLURM_DIR / SLURM_JOB_ID
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # Ctrl-C as a terminal delivers it: a suite started in the background by a
+        # non-interactive shell passes SIGINT on ignored, and Python then keeps it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         wait_for("the job submitted ahead", job_id.exists, timeout=120, proc=proc)
         proc.send_signal(signal.SIGINT)

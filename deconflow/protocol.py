@@ -137,10 +137,12 @@ RUN_STATES: dict[str, str] = {
     "SUCCESS": SUCCEEDED,
 }
 IN_PROGRESS_STATES = (QUEUED, RUNNING)
+ENDED_BADLY_STATES = (FAILED, CANCELLED)
 # The same map, as sets of DagsterRunStatus values for run queries.
 LIVE_STATUSES = frozenset(k for k, v in RUN_STATES.items() if v in IN_PROGRESS_STATES)
 STARTED_STATUSES = frozenset(k for k, v in RUN_STATES.items() if v == RUNNING)  # past the queue
 TERMINAL_STATUSES = frozenset(RUN_STATES) - LIVE_STATUSES
+ENDED_BADLY_STATUSES = frozenset(k for k, v in RUN_STATES.items() if v in ENDED_BADLY_STATES)
 
 
 def run_state(status) -> str:
@@ -153,7 +155,7 @@ def cell_state(status) -> str:
     state = run_state(status)
     if state in IN_PROGRESS_STATES:
         return RUNNING
-    return FAILED if state in (FAILED, CANCELLED) else SUCCEEDED
+    return FAILED if state in ENDED_BADLY_STATES else SUCCEEDED
 
 
 # --- the cell of a run (keys: deconflow.keys) ----------------------------------------------

@@ -21,6 +21,7 @@ import dagster as dg
 from deconflow.keys import cell_of_partition
 from deconflow.protocol import (
     CELL_TAG,
+    ENDED_BADLY_STATUSES,
     PARTITION_TAG,
     SWEEP_DB_ASSET,
     SWEEP_TAG,
@@ -30,7 +31,7 @@ from deconflow.protocol import (
 TRAINING = dg.AssetKey(TRAINING_ASSET)
 SWEEP_DB = dg.AssetKey(SWEEP_DB_ASSET)
 FRESH_CHECK = "analysis_fresh"
-_ENDED_BADLY = [dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED]
+_ENDED_BADLY = [dg.DagsterRunStatus(s) for s in sorted(ENDED_BADLY_STATUSES)]
 
 # Metadata keys an analysis materialization carries (read back by the check and sensor).
 EVENT_KEY = "newest_landing_event_id"

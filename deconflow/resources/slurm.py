@@ -288,6 +288,7 @@ class SlurmResource(job_option_fields(JobOptions)):
             elif live:
                 job = SlurmJob(live[0][0], name, adopted=True)
                 state = live[0][1]
+                atomic_write_text(sdir / SLURM_JOB_ID, job.job_id + "\n")
                 context.log.warning(
                     f"re-attached to SLURM job {job.job_id} ({state}) of {cell.key} "
                     "instead of submitting a new one"
@@ -305,15 +306,12 @@ class SlurmResource(job_option_fields(JobOptions)):
                 self._poller().track(done, self.poll_interval_s)
                 return job
             else:
-                atomic_write_text(sdir / SLURM_SCRIPT, script_text, mode=0o700)
-                atomic_write_text(sdir / SLURM_SUBMITTING, f"{time.time()}\n")
-                job = SlurmJob(self.submit(sdir / SLURM_SCRIPT), name)
+                job = self._sbatch(sdir, script_text, name)
                 state = "PENDING"
                 context.log.info(
                     f"submitted {cell.key} as SLURM job {job.job_id} "
                     f"(partition {self.partition or 'default'}, gres {self.gres() or 'none'})"
                 )
-            atomic_write_text(sdir / SLURM_JOB_ID, job.job_id + "\n")
         self._record(work, job, state)
         _add_tags(context, {SLURM_JOB_TAG: job.job_id, SLURM_STATE_TAG: state})
         self._poller().track(job.job_id, self.poll_interval_s)
@@ -333,18 +331,22 @@ class SlurmResource(job_option_fields(JobOptions)):
             return None
         sdir = work / SLURM_DIR
         sdir.mkdir(parents=True)
-        cmd = [*self.command(cell, profile, overrides, work), "--pipes-wait-s"]
-        cmd.append(f"{AHEAD_PIPES_WAIT_S:g}")
-        env = {**pipes_env(work), **TRAINING_ENV}
+        cmd = self.command(cell, profile, overrides, work)
+        cmd += ["--pipes-wait-s", f"{AHEAD_PIPES_WAIT_S:g}"]
+        script = self.render_script(cell, cmd, {**pipes_env(work), **TRAINING_ENV}, work.resolve())
         with flock(sdir / SUBMIT_LOCK):
-            atomic_write_text(
-                sdir / SLURM_SCRIPT, self.render_script(cell, cmd, env, work.resolve()), mode=0o700
-            )
-            atomic_write_text(sdir / SLURM_SUBMITTING, f"{time.time()}\n")
-            job = SlurmJob(self.submit(sdir / SLURM_SCRIPT), self.job_name(cell))
-            atomic_write_text(sdir / SLURM_JOB_ID, job.job_id + "\n")
+            job = self._sbatch(sdir, script, self.job_name(cell))
         self._record(work, job, "PENDING", ahead=True)
         return job.job_id
+
+    def _sbatch(self, sdir: Path, script: str, name: str) -> SlurmJob:
+        """Under the caller's submit lock: the script, the ``submitting`` mark, sbatch, and
+        the job id recorded."""
+        atomic_write_text(sdir / SLURM_SCRIPT, script, mode=0o700)
+        atomic_write_text(sdir / SLURM_SUBMITTING, f"{time.time()}\n")
+        job = SlurmJob(self.submit(sdir / SLURM_SCRIPT), name)
+        atomic_write_text(sdir / SLURM_JOB_ID, job.job_id + "\n")
+        return job
 
     def wait(self, context, cell, handle: SlurmJob, work) -> Outcome:
         """Block on the shared poller's table until the job ends; map its end state."""
